@@ -1,0 +1,1 @@
+"""edgecl.calibration (see DESIGN.md)."""

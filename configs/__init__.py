@@ -1,0 +1,1 @@
+"""Packaged YAML configs: one per method plus the quick and full profiles."""

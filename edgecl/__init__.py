@@ -1,0 +1,3 @@
+"""edgecl: edge continual learner (SAFE, SLCA++, RanPAC, SimpleCIL)."""
+
+__version__ = "0.1.0"

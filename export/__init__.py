@@ -1,0 +1,1 @@
+"""edgecl.export (see DESIGN.md)."""
