@@ -1,0 +1,263 @@
+"""Configuration: typed dataclasses, YAML files under ``configs/``, and their resolution.
+
+Resolution order (later wins)::
+
+    dataclass defaults
+      <- configs/<profile>.yaml            (quick | full)
+      <- configs/<method>.yaml             (its top-level keys)
+      <- configs/<method>.yaml: profiles.<profile>
+      <- --config FILE
+      <- CLI options and --set key=value
+
+Every key is checked against the dataclasses below: an unknown key or a value of the wrong
+type raises :class:`~edgecl.errors.EdgeclError` naming the key and the file it came from.
+This module must not import torch (``edgecl --help`` stays light).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import EdgeclError
+
+METHODS = ("simplecil", "ranpac", "safe", "slca", "slcapp", "seqft")
+PROFILES = ("quick", "full", "demo")  # demo: used by `edgecl demo`
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how the class-incremental sessions are cut."""
+
+    dataset: str = field(default="imagefolder", metadata=_choices("imagefolder", "cifar100", "imagenet-r"))
+    root: Optional[str] = None  # --data: ImageFolder root (with train/ and val/) or download dir
+    val_root: Optional[str] = None  # --val-data: separate ImageFolder for evaluation
+    split: str = "B0Inc10"  # B{base}Inc{K}: base-session classes, then K new classes per session
+    num_classes: Optional[int] = None  # use the first N classes of the seeded order (None: all)
+    train_per_class: Optional[int] = None  # first N train images per class, sorted by file name
+    val_per_class: Optional[int] = None  # first N val images per class (None: all)
+    input_size: int = 224  # model input (square); images are decoded once at this size
+    cache_dir: Optional[str] = None  # uint8 decode cache (None: $EDGECL_CACHE or ~/.cache/edgecl)
+    workers: int = 2  # decode processes for the first pass over a folder
+
+
+@dataclass
+class BackboneConfig:
+    """The pretrained model (a timm name) and where its weights come from."""
+
+    name: str = "tf_efficientnet_lite0"
+    # default: embedded weights where the backbone has them (EfficientNet-Lite0), else an error;
+    # pretrained: timm hub download; random: random init (tests); anything else: a file path
+    weights: str = "default"
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+@dataclass
+class PETConfig:
+    """Parameter-efficient tuning modules injected into the frozen backbone."""
+
+    kinds: list = field(default_factory=lambda: ["ssf"])  # any of ssf, adapter, lora, vpt; [] = none
+    ssf_targets: list = field(default_factory=list)  # module-name regexes; [] = automatic per architecture
+    lora_rank: int = 4
+    lora_alpha: float = 4.0  # LoRA scale = alpha / rank
+    lora_targets: list = field(default_factory=list)  # module-name regexes; [] = ViT qkv / CNN 1x1 convs
+    adapter_bottleneck: int = 16
+    adapter_scale: float = 0.1
+    vpt_tokens: int = 5  # deep VPT prompts per block (ViT only)
+    tune_norms: bool = False  # also train norm-layer affine parameters (running statistics stay frozen)
+    tune_biases: bool = False  # also train the backbone's biases (SLCA++ hybrid slow learner)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of PET / heads by backpropagation."""
+
+    epochs: int = 5  # epochs of PET adaptation (first session for RanPAC)
+    batch_size: int = 48
+    lr: float = 0.01  # PET learning rate
+    head_lr: float = 0.01  # learning rate of the training-time (cosine) head
+    weight_decay: float = 0.0005
+    optimizer: str = field(default="sgd", metadata=_choices("sgd", "adamw"))
+    momentum: float = 0.9
+    warmup_epochs: int = 0
+    crop_scale: list = field(default_factory=lambda: [0.5, 1.0])  # random-resized-crop area range
+    hflip: bool = True
+    eval_batch_size: int = 256
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+
+
+@dataclass
+class RanPACConfig:
+    """RanPAC head: h = ReLU(W_rand^T f), G = sum h h^T, Q = sum h y^T, W = (G + lambda I)^-1 Q."""
+
+    M: int = 10000  # random projection size (0: ridge regression on the raw features)
+    lambdas: list = field(default_factory=lambda: [10.0**e for e in range(-8, 15)])  # candidates
+    holdout_fraction: float = 0.2  # share of each class's training images held out to choose lambda
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of one run; saved as ``config.yaml`` in the bundle."""
+
+    method: str = field(default="ranpac", metadata=_choices(*METHODS))
+    profile: Optional[str] = field(default=None, metadata=_choices(*PROFILES))
+    seed: int = 1993
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pet: PETConfig = field(default_factory=PETConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ranpac: RanPACConfig = field(default_factory=RanPACConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: dict, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(key, value, args[0], meta, source)
+    bad = f"config key '{key}' (from {source}) must be"
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise EdgeclError(f"{bad} true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise EdgeclError(f"{bad} an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EdgeclError(f"{bad} a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise EdgeclError(f"{bad} a string, got {value!r}")
+    elif tp is list or origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise EdgeclError(f"{bad} a list, got {value!r}")
+    elif tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise EdgeclError(f"{bad} a mapping, got {value!r}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise EdgeclError(f"{bad} one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _merge_into(obj: Any, updates: dict, source: str, prefix: str = "") -> None:
+    """Apply a nested mapping of overrides to a dataclass instance, validating every key."""
+    if not isinstance(updates, dict):
+        raise EdgeclError(f"config section '{prefix or '<top>'}' (from {source}) must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise EdgeclError(f"unknown config key '{key}' (from {source}); known keys here: {known}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _merge_into(current, value, source, prefix=f"{key}.")
+        else:
+            setattr(obj, name, _check_value(key, value, hints[name], dict(fields[name].metadata), source))
+
+
+def _read_yaml(path: Path, source: str) -> dict:
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise EdgeclError(f"cannot read config file {source}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise EdgeclError(f"config file {source} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise EdgeclError(f"config file {source} must hold a mapping at the top level")
+    return data
+
+
+def packaged_config(name: str) -> dict:
+    """Read ``configs/<name>.yaml`` shipped with the package ({} when there is none)."""
+    ref = resources.files("edgecl.configs").joinpath(f"{name}.yaml")
+    if not ref.is_file():
+        return {}
+    with resources.as_file(ref) as path:
+        return _read_yaml(Path(path), f"configs/{name}.yaml")
+
+
+def parse_set(items: typing.Iterable[str]) -> dict:
+    """Turn ``--set a.b=value`` items into a nested mapping (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise EdgeclError(f"--set expects KEY=VALUE (for example train.epochs=3), got {item!r}")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def resolve_config(
+    method: str,
+    profile: Optional[str] = None,
+    config_file: Optional[str] = None,
+    overrides: Optional[dict] = None,
+) -> Config:
+    """Build the run's :class:`Config` (see the module docstring for the order)."""
+    if method not in METHODS:
+        raise EdgeclError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if profile is not None and profile not in PROFILES:
+        raise EdgeclError(f"unknown profile {profile!r} (--profile); choose one of: {', '.join(PROFILES)}")
+    cfg = Config(method=method, profile=profile)
+    if profile:
+        _merge_into(cfg, packaged_config(profile), f"configs/{profile}.yaml")
+    method_cfg = copy.deepcopy(packaged_config(method))
+    per_profile = method_cfg.pop("profiles", {}) or {}
+    _merge_into(cfg, method_cfg, f"configs/{method}.yaml")
+    if profile and profile in per_profile:
+        _merge_into(cfg, per_profile[profile], f"configs/{method}.yaml (profiles.{profile})")
+    if config_file:
+        user = _read_yaml(Path(config_file), config_file)
+        user.pop("profiles", None)
+        _merge_into(cfg, user, config_file)
+    if overrides:
+        _merge_into(cfg, overrides, "command-line options")
+    if cfg.method != method:
+        raise EdgeclError(f"config sets method {cfg.method!r} but --method is {method!r}; drop one of them")
+    return cfg
+
+
+def config_from_dict(data: dict, source: str) -> Config:
+    """Rebuild a :class:`Config` saved by :meth:`Config.to_dict` (for example from a bundle)."""
+    cfg = Config()
+    _merge_into(cfg, data, source)
+    return cfg

@@ -1,0 +1,183 @@
+"""Classifier heads: the cosine head used while PET trains, class prototypes (SimpleCIL), and
+the RanPAC head built from additive sufficient statistics G and Q.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CosineHead(nn.Module):
+    """Cosine classifier: logits = sigma * cos(f, w_c), with a learnable scale sigma.
+
+    Used as the training-time head during PET adaptation (RanPAC, SAFE), as in the papers'
+    code (LAMDA-PILOT's CosineLinear). ``extend`` adds rows for a new session's classes.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, sigma: float = 16.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(in_features))
+        self.sigma = nn.Parameter(torch.tensor(float(sigma)))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.sigma * F.linear(F.normalize(f, dim=1), F.normalize(self.weight, dim=1))
+
+
+class Prototypes:
+    """Per-class feature sums and counts; SimpleCIL's classifier (Zhou et al. 2023, Sec. 4).
+
+    logits = cos(f, mu_c) with mu_c = sum_c / n_c. Sums and counts are additive, so classes can
+    be added in any order and statistics from several devices summed exactly.
+    """
+
+    def __init__(self, dim: int):
+        self.sums = torch.zeros(0, dim, dtype=torch.float64)
+        self.counts = torch.zeros(0, dtype=torch.float64)
+
+    @property
+    def num_classes(self) -> int:
+        return self.sums.shape[0]
+
+    def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        n_cls = int(labels.max()) + 1 if len(labels) else 0
+        if n_cls > self.num_classes:
+            grow = n_cls - self.num_classes
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(grow, self.sums.shape[1])])
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(grow)])
+        self.sums.index_add_(0, labels, features.double())
+        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+
+    def means(self) -> torch.Tensor:
+        return (self.sums / self.counts.clamp(min=1).unsqueeze(1)).float()
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(features.float(), dim=1), F.normalize(self.means(), dim=1))
+
+    def state(self) -> dict:
+        return {"sums": self.sums, "counts": self.counts}
+
+    def load_state(self, state: dict) -> None:
+        self.sums, self.counts = state["sums"].double(), state["counts"].double()
+
+
+class RanPACHead:
+    """RanPAC head (McDonnell et al., NeurIPS 2023, Sec. 4 / Eq. 3-4).
+
+    h = ReLU(W_rand^T f) with a fixed Gaussian W_rand (d x M, from ``seed``);
+    G = sum h h^T, Q = sum h y^T (one-hot y), W = (G + lambda I)^-1 Q, logits = h W.
+
+    The statistics of a held-out share of the training data (G_hold, Q_hold) are kept apart
+    while training: lambda is the candidate that minimises the held-out squared error of the
+    ridge fit on the remaining data, computed from statistics alone
+    (||H W - Y||^2 = tr(W^T G_hold W) - 2 tr(W^T Q_hold) + const). The final W is then
+    solved from all the data. No test data is ever involved. With M = 0 the head is plain
+    ridge regression on the raw features.
+    """
+
+    def __init__(self, dim: int, M: int, seed: int, lambdas: Sequence[float]):
+        self.dim, self.M, self.seed = dim, M, seed
+        self.lambdas = [float(x) for x in lambdas]
+        if M > 0:
+            gen = torch.Generator().manual_seed(seed)
+            self.W_rand = torch.randn(dim, M, generator=gen)
+        else:
+            self.W_rand = None
+        width = M if M > 0 else dim
+        self.G = torch.zeros(width, width, dtype=torch.float64)
+        self.Q = torch.zeros(width, 0, dtype=torch.float64)
+        self.G_hold = torch.zeros_like(self.G)
+        self.Q_hold = torch.zeros_like(self.Q)
+        self.lam: Optional[float] = None
+        self.W: Optional[torch.Tensor] = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.Q.shape[1]
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """h = ReLU(W_rand^T f) (the random-projection layer of RanPAC, Eq. 3)."""
+        features = features.float()
+        if self.W_rand is None:
+            return features
+        return F.relu(features @ self.W_rand.to(features.device))
+
+    def _grow(self, num_classes: int) -> None:
+        if num_classes > self.num_classes:
+            pad = num_classes - self.num_classes
+            self.Q = torch.cat([self.Q, self.Q.new_zeros(self.Q.shape[0], pad)], dim=1)
+            self.Q_hold = torch.cat([self.Q_hold, self.Q_hold.new_zeros(self.Q.shape[0], pad)], dim=1)
+
+    def add(self, features: torch.Tensor, labels: torch.Tensor, holdout: Optional[torch.Tensor] = None,
+            chunk: int = 2048) -> None:
+        """Accumulate G and Q (and their held-out parts where ``holdout`` is True)."""
+        self._grow(int(labels.max()) + 1)
+        if holdout is None:
+            holdout = torch.zeros(len(labels), dtype=torch.bool)
+        for start in range(0, len(labels), chunk):
+            sl = slice(start, start + chunk)
+            h = self.project(features[sl]).double().cpu()
+            y = F.one_hot(labels[sl].cpu(), self.num_classes).double()
+            hold = holdout[sl].cpu()
+            self.G += h.T @ h
+            self.Q += h.T @ y
+            if hold.any():
+                self.G_hold += h[hold].T @ h[hold]
+                self.Q_hold += h[hold].T @ y[hold]
+
+    def holdout_error(self, lam: float) -> float:
+        """Held-out squared error (up to a constant) of the ridge fit on the non-held-out part."""
+        eye = torch.eye(self.G.shape[0], dtype=self.G.dtype)
+        L, info = torch.linalg.cholesky_ex(self.G - self.G_hold + lam * eye)
+        if info.item() != 0:  # not positive definite at this lambda: not a usable candidate
+            return math.inf
+        W = torch.cholesky_solve(self.Q - self.Q_hold, L)
+        return float((W * (self.G_hold @ W)).sum() - 2 * (W * self.Q_hold).sum())
+
+    def select_lambda(self, stride: int = 3) -> float:
+        """Choose lambda on the held-out statistics (see the class docstring).
+
+        Coarse to fine over the sorted candidates: every ``stride``-th one, then the neighbours
+        of the best. (One Cholesky factorisation per candidate; a full eigendecomposition, which
+        would serve all candidates at once, is many times slower on CPUs.)
+        """
+        if not self.G_hold.any():
+            return self.lam if self.lam is not None else 1.0
+        cands = sorted(self.lambdas)
+        errors = {}
+        coarse = sorted(set(range(0, len(cands), stride)) | {len(cands) - 1})
+        for i in coarse:
+            errors[i] = self.holdout_error(cands[i])
+        best = min(errors, key=errors.get)
+        for i in range(max(0, best - stride + 1), min(len(cands), best + stride)):
+            if i not in errors:
+                errors[i] = self.holdout_error(cands[i])
+        return cands[min(errors, key=errors.get)]
+
+    def solve(self, lam: Optional[float] = None) -> None:
+        """W = (G + lambda I)^-1 Q over all statistics (Eq. 4), lambda chosen if not given."""
+        self.lam = self.select_lambda() if lam is None else float(lam)
+        eye = torch.eye(self.G.shape[0], dtype=self.G.dtype)
+        self.W = torch.linalg.solve(self.G + self.lam * eye, self.Q).float()
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.project(features) @ self.W.to(features.device)
+
+    def state(self) -> dict:
+        out = {"G": self.G, "Q": self.Q, "W": self.W, "lambda": torch.tensor(self.lam, dtype=torch.float64)}
+        if self.W_rand is not None:
+            out["W_rand"] = self.W_rand
+        return out
+
+    def load_state(self, state: dict) -> None:
+        self.G, self.Q, self.W = state["G"].double(), state["Q"].double(), state["W"].float()
+        self.lam = float(state["lambda"])
+        if "W_rand" in state:
+            self.W_rand = state["W_rand"].float()
+        self.G_hold = torch.zeros_like(self.G)
+        self.Q_hold = torch.zeros_like(self.Q)

@@ -1,0 +1,206 @@
+"""The learner interface and the one class-incremental session loop every method plugs into.
+
+A learner sees each session's training images once (``learn``), with labels already mapped to
+incremental class ids (0 .. seen-1 in the seeded class order), and predicts logits over all
+classes seen so far (``predict``). Methods with several predictors (SAFE: slow, fast and their
+aggregate) return one logits array per predictor; ``"main"`` is the method's answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..backbones import Backbone, Normalize
+from ..config import Config
+from ..data import ImageSet, Scenario, augment_batch, iterate_batches
+from ..metrics import SessionMetrics
+from .. import pet as petlib
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Learner:
+    """Base class: holds the frozen pretrained backbone, feature extraction with a cache, and
+    a generic PET training loop. Subclasses implement :meth:`learn` and :meth:`predict`."""
+
+    name = "base"
+    predictors: tuple = ("main",)
+
+    def __init__(self, cfg: Config, backbone: Backbone, device: Optional[torch.device] = None):
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.train.device)
+        self.ptm = backbone.to(self.device).eval()
+        for p in self.ptm.parameters():
+            p.requires_grad_(False)
+        self.normalize = Normalize(backbone.mean, backbone.std).to(self.device)
+        self.num_seen = 0
+        self.progress = True  # progress bars (run_sessions sets it)
+        self._versions: dict = {}
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ to override
+    def learn(self, t: int, train: ImageSet, new_classes: list) -> None:
+        raise NotImplementedError
+
+    def predict(self, images: ImageSet) -> dict:
+        """Logits (numpy, [N, num_seen]) per predictor name; ``"main"`` is required."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """Tensors for the bundle, by file stem: ``{"pet": {...}, "heads": {...}, "stats": {...}}``."""
+        raise NotImplementedError
+
+    def meta(self) -> dict:
+        """JSON-serialisable facts the exporter and the device need (feature sizes, lambda...)."""
+        return {"num_seen": self.num_seen}
+
+    def load_state(self, tensors: dict, meta: dict) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def make_pet_model(self) -> Backbone:
+        """A copy of the backbone with the configured PET injected, ready to train."""
+        model = copy.deepcopy(self.ptm)
+        petlib.inject_pet(model.model, self.cfg.pet)
+        petlib.freeze_for_pet(model.model)
+        return model.to(self.device)
+
+    def bump(self, tag: str) -> None:
+        """Mark the model called ``tag`` as changed: its cached features are stale."""
+        self._versions[tag] = self._versions.get(tag, 0) + 1
+        self._cache = {k: v for k, v in self._cache.items() if k[0] != tag}
+
+    @torch.no_grad()
+    def features(self, model: torch.nn.Module, tag: str, images: ImageSet) -> torch.Tensor:
+        """Features of every image (eval mode, no augmentation), cached per model version."""
+        key = (tag, self._versions.get(tag, 0), images.key)
+        if key in self._cache:
+            return self._cache[key]
+        was_training = model.training
+        model.eval()
+        bs = self.cfg.train.eval_batch_size
+        out = []
+        for start in range(0, len(images), bs):
+            x = torch.from_numpy(np.ascontiguousarray(images.images[start:start + bs])).to(self.device)
+            out.append(model(self.normalize(x)).float().cpu())
+        model.train(was_training)
+        feats = torch.cat(out) if out else torch.zeros(0, getattr(model, "feature_dim", 0))
+        self._cache[key] = feats
+        return feats
+
+    def fit(self, params: list, train: ImageSet, epochs: int, step: Callable, desc: str,
+            modules: tuple = ()) -> list:
+        """Generic training loop: SGD/AdamW with cosine decay over ``epochs``.
+
+        ``params`` are optimizer param groups (each with its ``lr``); ``step(x, y)`` takes a
+        normalised augmented batch and its labels and returns a dict of named loss terms whose
+        sum is minimised. ``modules`` are put in PET train mode (BatchNorm stays frozen).
+        Returns the mean of each loss term per epoch.
+        """
+        tc = self.cfg.train
+        if tc.optimizer == "sgd":
+            opt = torch.optim.SGD(params, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, weight_decay=tc.weight_decay)
+        steps_per_epoch = max(1, math.ceil(len(train) / tc.batch_size))
+        total = max(1, epochs * steps_per_epoch)
+        warm = tc.warmup_epochs * steps_per_epoch
+        base_lrs = [g["lr"] for g in opt.param_groups]
+        gen = torch.Generator().manual_seed(self.cfg.seed + 7919 * self.num_seen)
+        labels = torch.from_numpy(np.asarray(train.labels)).long()
+        history = []
+        for m in modules:
+            petlib.set_pet_train_mode(m, True)
+        step_i = 0
+        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not self.progress)
+        for _epoch in range(epochs):
+            sums: dict = {}
+            count = 0
+            for idx in iterate_batches(len(train), tc.batch_size, shuffle=True, generator=gen):
+                idx = np.sort(np.asarray(idx))
+                x = torch.from_numpy(np.ascontiguousarray(train.images[idx]))
+                x = augment_batch(x, crop_scale=tuple(tc.crop_scale), hflip=tc.hflip, generator=gen)
+                x = self.normalize(x.to(self.device))
+                y = labels[idx].to(self.device)
+                scale = (step_i + 1) / warm if step_i < warm else 0.5 * (1 + math.cos(math.pi * (step_i - warm) / max(1, total - warm)))
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * scale
+                terms = step(x, y)
+                loss = sum(terms.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
+                count += len(idx)
+                step_i += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            history.append({k: v / max(1, count) for k, v in sums.items()})
+        bar.close()
+        for m in modules:
+            petlib.set_pet_train_mode(m, False)
+        return history
+
+
+def cross_entropy_step(model: torch.nn.Module, head: torch.nn.Module) -> Callable:
+    """The plain supervised step: CE of head(model(x)) against y."""
+
+    def step(x, y):
+        return {"ce": F.cross_entropy(head(model(x)), y)}
+
+    return step
+
+
+def with_labels(images: ImageSet, labels: np.ndarray) -> ImageSet:
+    return dataclasses.replace(images, labels=np.asarray(labels, dtype=np.int64))
+
+
+def run_sessions(learner: Learner, train: ImageSet, val: ImageSet, scenario: Scenario,
+                 on_session: Optional[Callable] = None, progress: bool = True) -> dict:
+    """Run every session of ``scenario``: learn, then evaluate on all classes seen so far.
+
+    Returns ``{predictor: SessionMetrics}``. ``on_session(t, {predictor: accuracy})`` is
+    called after each session (for printing).
+    """
+    n_dataset = len(train.class_names)
+    label_map = scenario.label_map(n_dataset)
+    session_of_label = np.concatenate([np.full(len(c), j) for j, c in enumerate(scenario.sessions)])
+    val_inc = label_map[val.labels]
+    in_order = np.where(val_inc >= 0)[0]
+    val_all = with_labels(val.subset(in_order), val_inc[in_order])
+    metrics = {name: SessionMetrics() for name in learner.predictors}
+    learner.progress = progress
+    seen = 0
+    bar = tqdm(total=len(scenario.sessions), desc=f"{learner.name}", disable=not progress, dynamic_ncols=True)
+    for t, classes in enumerate(scenario.sessions):
+        idx = np.where(np.isin(train.labels, classes))[0]
+        session_train = with_labels(train.subset(idx), label_map[train.labels[idx]])
+        new = list(range(seen, seen + len(classes)))
+        learner.learn(t, session_train, new)
+        seen += len(classes)
+        learner.num_seen = seen
+        rows = np.where(val_all.labels < seen)[0]
+        logits = learner.predict(val_all)
+        accs = {}
+        for name, lg in logits.items():
+            pred = np.asarray(lg)[rows, :seen].argmax(1)
+            accs[name] = metrics[name].record(pred, val_all.labels[rows], session_of_label)
+        bar.update(1)
+        bar.set_postfix(acc=f"{accs['main']:.2f}")
+        if on_session:
+            on_session(t, accs)
+    bar.close()
+    return metrics

@@ -1,0 +1,93 @@
+"""RanPAC (McDonnell et al., "RanPAC: Random Projections and Pre-trained Models for Continual
+Learning", NeurIPS 2023).
+
+Phase 1 (first session only): PET adaptation of the frozen backbone with a cosine head and
+cross-entropy; the PET weights are then frozen for good. Phase 2 (every session): features go
+through a fixed random projection with ReLU, the sufficient statistics G and Q are updated with
+the session's data, and the ridge classifier W = (G + lambda I)^-1 Q is re-solved, lambda chosen
+on held-out training data only (see :class:`edgecl.heads.RanPACHead`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import pet as petlib
+from ..heads import CosineHead, RanPACHead
+from .base import Learner, cross_entropy_step
+from .simplecil import torch_labels
+
+
+def holdout_mask(labels: np.ndarray, fraction: float, seed: int) -> torch.Tensor:
+    """A seeded per-class split: ``fraction`` of each class's samples marked True (held out)."""
+    rng = np.random.RandomState(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    if fraction <= 0:
+        return torch.from_numpy(mask)
+    for c in np.unique(labels):
+        idx = np.where(labels == c)[0]
+        k = int(round(fraction * len(idx)))
+        if 0 < k < len(idx):
+            mask[rng.choice(idx, k, replace=False)] = True
+    return torch.from_numpy(mask)
+
+
+class RanPAC(Learner):
+    name = "ranpac"
+
+    def __init__(self, cfg, backbone, device=None):
+        super().__init__(cfg, backbone, device)
+        self.uses_pet = bool(cfg.pet.kinds)
+        self.model = self.make_pet_model() if self.uses_pet else self.ptm
+        rc = cfg.ranpac
+        self.head = RanPACHead(self.ptm.feature_dim, rc.M, cfg.seed, rc.lambdas)
+        self.pet_history: list = []
+
+    def adapt(self, train, new_classes) -> None:
+        """Phase 1: first-session PET adaptation with a cosine head and cross-entropy."""
+        tc = self.cfg.train
+        head = CosineHead(self.ptm.feature_dim, len(new_classes)).to(self.device)
+        params = [
+            {"params": petlib.pet_parameters(self.model.model), "lr": tc.lr},
+            {"params": list(head.parameters()), "lr": tc.head_lr},
+        ]
+        self.pet_history = self.fit(params, train, tc.epochs, cross_entropy_step(self.model, head),
+                                    desc="session 1: PET adaptation", modules=(self.model.model,))
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.bump("adapted")
+
+    def learn(self, t, train, new_classes):
+        if t == 0 and self.uses_pet and self.cfg.train.epochs > 0:
+            self.adapt(train, new_classes)
+        feats = self.features(self.model, "adapted", train)
+        labels = np.asarray(train.labels)
+        hold = holdout_mask(labels, self.cfg.ranpac.holdout_fraction, self.cfg.seed + t)
+        self.head.add(feats, torch_labels(train), hold)
+        self.head.solve()
+
+    def predict(self, images):
+        return {"main": self.head.logits(self.features(self.model, "adapted", images)).numpy()}
+
+    def state(self):
+        out = {"heads": {f"ranpac.{k}": v for k, v in self.head.state().items() if k in ("W", "W_rand", "lambda")},
+               "stats": {f"ranpac.{k}": v for k, v in self.head.state().items() if k in ("G", "Q")}}
+        if self.uses_pet:
+            out["pet"] = petlib.pet_state_dict(self.model.model)
+        return out
+
+    def meta(self):
+        return {**super().meta(), "feature_dim": self.ptm.feature_dim, "head": "ranpac",
+                "ranpac": {"M": self.head.M, "seed": self.head.seed, "lambda": self.head.lam},
+                "pet_history": self.pet_history}
+
+    def load_state(self, tensors, meta):
+        if self.uses_pet:
+            petlib.load_pet_state_dict(self.model.model, tensors["pet"])
+            self.model.eval()
+            self.bump("adapted")
+        state = {k.split(".", 1)[1]: v for part in ("heads", "stats") for k, v in tensors[part].items()}
+        self.head.load_state(state)
+        self.num_seen = self.head.num_classes

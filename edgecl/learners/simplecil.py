@@ -1,0 +1,40 @@
+"""SimpleCIL (Zhou et al., "Revisiting Class-Incremental Learning with Pre-Trained Models:
+Generalizability and Adaptivity are All You Need", 2023): the frozen pretrained backbone and a
+cosine classifier whose weights are the class means (prototypes) of its features."""
+
+from __future__ import annotations
+
+from ..heads import Prototypes
+from .base import Learner
+
+
+class SimpleCIL(Learner):
+    name = "simplecil"
+
+    def __init__(self, cfg, backbone, device=None):
+        super().__init__(cfg, backbone, device)
+        self.prototypes = Prototypes(self.ptm.feature_dim)
+
+    def learn(self, t, train, new_classes):
+        feats = self.features(self.ptm, "ptm", train)
+        self.prototypes.add(feats, torch_labels(train))
+
+    def predict(self, images):
+        return {"main": self.prototypes.logits(self.features(self.ptm, "ptm", images)).numpy()}
+
+    def state(self):
+        return {"heads": {f"prototypes.{k}": v for k, v in self.prototypes.state().items()}}
+
+    def meta(self):
+        return {**super().meta(), "feature_dim": self.ptm.feature_dim, "head": "prototypes"}
+
+    def load_state(self, tensors, meta):
+        heads = tensors["heads"]
+        self.prototypes.load_state({k: heads[f"prototypes.{k}"] for k in ("sums", "counts")})
+        self.num_seen = self.prototypes.num_classes
+
+
+def torch_labels(images):
+    import torch
+
+    return torch.as_tensor(images.labels, dtype=torch.long)

@@ -1,0 +1,140 @@
+"""``edgecl train`` and ``edgecl eval`` for bundles: data -> sessions -> metrics -> bundle."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from . import __version__
+from .backbones import create_backbone
+from .bundle import read_bundle, write_bundle
+from .config import Config, config_from_dict
+from .data import build_scenario, load_dataset, load_imagefolder
+from .errors import EdgeclError
+from .learners import learner_class
+from .learners.base import run_sessions, with_labels
+from .metrics import plot_accuracy
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_learner(cfg: Config, backbone=None):
+    if backbone is None:
+        backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights, **cfg.backbone.kwargs)
+    return learner_class(cfg.method)(cfg, backbone)
+
+
+def train(cfg: Config, out: str, progress: bool = True, log: Callable = print) -> dict:
+    """Train ``cfg.method`` over the class-incremental sessions and write the bundle to ``out``.
+
+    Returns the metrics dict that is also written to ``out/metrics.json``.
+    """
+    cls = learner_class(cfg.method)  # fail fast on an unbuilt method, before loading data
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    train_set, val_set = load_dataset(cfg.data, progress=progress)
+    scenario = build_scenario(len(train_set.class_names), cfg.data.split, cfg.seed, cfg.data.num_classes)
+    backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights, **cfg.backbone.kwargs)
+    learner = cls(cfg, backbone)
+    log(f"edgecl train: {cfg.method} on {cfg.backbone.name} ({learner.device}), "
+        f"{len(scenario.sessions)} sessions, {len(train_set)} train / {len(val_set)} val images at {cfg.data.input_size}px")
+
+    def report(t, accs):
+        extra = "".join(f"  {k} {v:.2f}" for k, v in accs.items() if k != "main")
+        log(f"session {t + 1}/{len(scenario.sessions)}: {sum(len(s) for s in scenario.sessions[: t + 1])} classes, "
+            f"accuracy {accs['main']:.2f}{extra}")
+
+    start = time.perf_counter()
+    tracked = run_sessions(learner, train_set, val_set, scenario, on_session=report, progress=progress)
+    elapsed = time.perf_counter() - start
+    metrics = {"method": cfg.method, **tracked["main"].summary(), "time_s": round(elapsed, 1)}
+    for name, m in tracked.items():
+        if name != "main":
+            metrics[name] = m.summary()
+
+    names = train_set.class_names
+    manifest = {
+        "edgecl_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "method": cfg.method,
+        "backbone": {"name": cfg.backbone.name, "kwargs": cfg.backbone.kwargs, "weights": cfg.backbone.weights,
+                     "weights_sha256": backbone.weights_sha256(), "feature_dim": backbone.feature_dim},
+        "input": {"size": cfg.data.input_size, "layout": "NHWC", "dtype": "uint8", "channel_order": "RGB",
+                  "mean": list(backbone.mean), "std": list(backbone.std)},
+        "classes": {"names": [names[c] for c in scenario.class_order],
+                    "sessions": [[names[c] for c in s] for s in scenario.sessions]},
+        "pet": cfg.to_dict()["pet"] if getattr(learner, "uses_pet", False) else None,
+        "learner": learner.meta(),
+        "config": cfg.to_dict(),
+        "metrics": {k: metrics[k] for k in ("A_last", "A_avg", "forgetting")},
+    }
+    tensors = {"backbone": backbone.state_dict(), **learner.state()}
+    plot_path = Path(out).parent / f".{Path(out).name}.accuracy.png"
+    curves = {cfg.method: tracked["main"].accuracy}
+    curves.update({k: m.accuracy for k, m in tracked.items() if k != "main"})
+    plot_accuracy(curves, str(plot_path), title=f"{cfg.method} on {cfg.backbone.name}",
+                  classes_per_session=[len(s) for s in scenario.sessions])
+    extra = {
+        "metrics.json": json.dumps(metrics, indent=2),
+        "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+        "accuracy.png": plot_path,
+    }
+    write_bundle(Path(out), manifest, tensors, extra)
+    plot_path.unlink(missing_ok=True)
+    return metrics
+
+
+def load_learner(path: str):
+    """Rebuild the trained learner from a bundle alone: (learner, manifest)."""
+    manifest, tensors = read_bundle(Path(path))
+    cfg = config_from_dict(manifest["config"], f"{path}/manifest.json")
+    bb = manifest["backbone"]
+    backbone = create_backbone(bb["name"], "random", **bb.get("kwargs", {}))
+    backbone.load_state_dict(tensors["backbone"])
+    backbone.mean, backbone.std = tuple(manifest["input"]["mean"]), tuple(manifest["input"]["std"])
+    if backbone.weights_sha256() != bb["weights_sha256"]:
+        raise EdgeclError(f"bundle {path}: backbone weights do not match the manifest's hash; the bundle is damaged")
+    learner = build_learner(cfg, backbone)
+    learner.load_state(tensors, manifest["learner"])
+    return learner, manifest
+
+
+def evaluate(path: str, data: str, split: str = "val", per_class: Optional[int] = None,
+             progress: bool = True) -> dict:
+    """Top-1 of a bundle on an ImageFolder (``data/split`` if that exists, else ``data``)."""
+    learner, manifest = load_learner(path)
+    root = Path(data)
+    folder = root / split if (root / split).is_dir() else root
+    if per_class is None:
+        per_class = manifest["config"]["data"].get("val_per_class")
+    images = load_imagefolder(folder, size=manifest["input"]["size"], per_class=per_class,
+                              cache_dir=manifest["config"]["data"].get("cache_dir"), progress=progress)
+    known = {name: i for i, name in enumerate(manifest["classes"]["names"])}
+    mapping = np.array([known.get(name, -1) for name in images.class_names])
+    labels = mapping[images.labels]
+    rows = np.where(labels >= 0)[0]
+    if len(rows) == 0:
+        raise EdgeclError(f"none of the class folders in {folder} is a class of bundle {path} "
+                          f"(it knows {len(known)} classes, e.g. {', '.join(list(known)[:3])})")
+    subset = with_labels(images.subset(rows), labels[rows])
+    logits = learner.predict(subset)
+    out = {}
+    for name, lg in logits.items():
+        out[name] = round(100.0 * float((np.asarray(lg).argmax(1) == subset.labels).mean()), 4)
+    skipped = sorted(set(images.class_names) - set(known))
+    result = {"accuracy": out.pop("main"), "n": int(len(rows)), "classes": int(len(set(subset.labels.tolist()))),
+              "skipped_classes": skipped, "path": str(path), "data": str(folder)}
+    result.update({f"accuracy_{k}": v for k, v in out.items()})
+    return result
