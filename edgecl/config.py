@@ -3,8 +3,8 @@
 Resolution order (later wins)::
 
     dataclass defaults
-      <- configs/<profile>.yaml            (quick | full)
       <- configs/<method>.yaml             (its top-level keys)
+      <- configs/<profile>.yaml            (quick | full | demo)
       <- configs/<method>.yaml: profiles.<profile>
       <- --config FILE
       <- CLI options and --set key=value
@@ -238,11 +238,11 @@ def resolve_config(
     if profile is not None and profile not in PROFILES:
         raise EdgeclError(f"unknown profile {profile!r} (--profile); choose one of: {', '.join(PROFILES)}")
     cfg = Config(method=method, profile=profile)
-    if profile:
-        _merge_into(cfg, packaged_config(profile), f"configs/{profile}.yaml")
     method_cfg = copy.deepcopy(packaged_config(method))
     per_profile = method_cfg.pop("profiles", {}) or {}
     _merge_into(cfg, method_cfg, f"configs/{method}.yaml")
+    if profile:
+        _merge_into(cfg, packaged_config(profile), f"configs/{profile}.yaml")
     if profile and profile in per_profile:
         _merge_into(cfg, per_profile[profile], f"configs/{method}.yaml (profiles.{profile})")
     if config_file:

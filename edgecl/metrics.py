@@ -61,8 +61,10 @@ def summarize(accuracy: Sequence[float], matrix: Sequence[Sequence[float]]) -> d
     }
 
 
-def plot_accuracy(curves: dict, path: str, title: Optional[str] = None, classes_per_session: Optional[Sequence[int]] = None) -> None:
-    """PNG of accuracy per session, one line per predictor (``{"SAFE": [...], "slow": [...]}``)."""
+def plot_accuracy(curves: dict, title: Optional[str] = None, classes_per_session: Optional[Sequence[int]] = None) -> bytes:
+    """PNG (bytes) of accuracy per session, one line per predictor (``{"SAFE": [...], "slow": [...]}``)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,5 +84,7 @@ def plot_accuracy(curves: dict, path: str, title: Optional[str] = None, classes_
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    return buf.getvalue()

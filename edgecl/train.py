@@ -81,18 +81,16 @@ def train(cfg: Config, out: str, progress: bool = True, log: Callable = print) -
         "metrics": {k: metrics[k] for k in ("A_last", "A_avg", "forgetting")},
     }
     tensors = {"backbone": backbone.state_dict(), **learner.state()}
-    plot_path = Path(out).parent / f".{Path(out).name}.accuracy.png"
     curves = {cfg.method: tracked["main"].accuracy}
     curves.update({k: m.accuracy for k, m in tracked.items() if k != "main"})
-    plot_accuracy(curves, str(plot_path), title=f"{cfg.method} on {cfg.backbone.name}",
+    png = plot_accuracy(curves, title=f"{cfg.method} on {cfg.backbone.name}",
                   classes_per_session=[len(s) for s in scenario.sessions])
     extra = {
         "metrics.json": json.dumps(metrics, indent=2),
         "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
-        "accuracy.png": plot_path,
+        "accuracy.png": png,
     }
     write_bundle(Path(out), manifest, tensors, extra)
-    plot_path.unlink(missing_ok=True)
     return metrics
 
 

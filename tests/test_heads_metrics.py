@@ -91,3 +91,13 @@ def test_forgetting_uses_best_earlier_accuracy():
     # class-set 0: best 90 -> 60 (30); class-set 1: best 70 -> 50 (20)
     assert forgetting(matrix) == pytest.approx(25.0)
     assert summarize([80.0], [[80.0]])["forgetting"] == 0.0
+
+
+def test_coarse_to_fine_lambda_matches_exhaustive_search():
+    x, y = _blobs(n_cls=6, n=50, d=24, seed=4)
+    head = RanPACHead(24, 96, seed=2, lambdas=[10.0 ** e for e in range(-8, 15)])
+    hold = torch.zeros(len(y), dtype=torch.bool)
+    hold[1::4] = True
+    head.add(x, y, hold)
+    errors = {lam: head.holdout_error(lam) for lam in head.lambdas}
+    assert head.select_lambda() == min(errors, key=errors.get)

@@ -1,0 +1,70 @@
+"""The quick protocol (DESIGN.md) for several methods and seeds, as one table.
+
+    python benchmarks/quick_protocol.py --data ../shared/data/tiny-imagenet-100 \
+        --methods simplecil ranpac --seeds 1993 --repeat 2 --out runs/quick
+
+Each run is an ordinary `edgecl train --profile quick` (bundle under --out). With --repeat 2
+every run is done twice and the table says whether the numbers were identical. Prints a
+Markdown table (A_last, A_avg, forgetting, wall time) and writes it to OUT/table.md with the
+raw figures in OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="tiny-imagenet-100 (ImageFolder with train/ and val/)")
+    ap.add_argument("--methods", nargs="+", default=["simplecil", "ranpac"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1993])
+    ap.add_argument("--repeat", type=int, default=1, help="run each (method, seed) this many times")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override applied to every run (as edgecl train --set)")
+    ap.add_argument("--out", default="runs/quick")
+    args = ap.parse_args(argv)
+
+    from edgecl.config import parse_set, resolve_config
+    from edgecl.train import train
+
+    out = Path(args.out)
+    results = []
+    for method in args.methods:
+        for seed in args.seeds:
+            runs = []
+            for r in range(args.repeat):
+                overrides = parse_set(args.sets)
+                overrides.setdefault("data", {})["root"] = args.data
+                overrides["seed"] = seed
+                cfg = resolve_config(method, "quick", None, overrides)
+                start = time.perf_counter()
+                m = train(cfg, str(out / f"{method}-s{seed}-r{r}"), progress=False, log=lambda *_: None)
+                m["wall_s"] = round(time.perf_counter() - start, 1)
+                runs.append(m)
+                print(f"{method} seed {seed} run {r + 1}: A_last {m['A_last']:.2f} A_avg {m['A_avg']:.2f} "
+                      f"({m['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+            same = all(x["accuracy"] == runs[0]["accuracy"] for x in runs)
+            results.append({"method": method, "seed": seed, "runs": runs, "reproducible": same if args.repeat > 1 else None})
+
+    lines = ["| method | seed | A_last | A_avg | forgetting | wall time (s) | same numbers on repeat |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r["runs"][0]
+        rep = {None: "-", True: f"yes ({len(r['runs'])} runs)", False: "NO"}[r["reproducible"]]
+        times = "/".join(f"{x['wall_s']:.0f}" for x in r["runs"])
+        lines.append(f"| {r['method']} | {r['seed']} | {m['A_last']:.2f} | {m['A_avg']:.2f} | {m['forgetting']:.2f} | {times} | {rep} |")
+    table = "\n".join(lines)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return 0 if all(r["reproducible"] in (None, True) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
