@@ -69,6 +69,12 @@ class Learner:
     def load_state(self, tensors: dict, meta: dict) -> None:
         raise NotImplementedError
 
+    def feature_models(self) -> dict:
+        """The feature extractors the heads read, by predictor name (what the exporter puts
+        in the graph): ``{"main": model}``; SAFE: ``{"slow": ..., "fast": ...}``. Each takes
+        normalised float NCHW and returns [B, feature_dim]."""
+        return {"main": self.ptm}
+
     # ------------------------------------------------------------------ helpers
     def make_pet_model(self) -> Backbone:
         """A copy of the backbone with the configured PET injected, ready to train."""

@@ -71,6 +71,9 @@ class RanPAC(Learner):
     def predict(self, images):
         return {"main": self.head.logits(self.features(self.model, "adapted", images)).numpy()}
 
+    def feature_models(self):
+        return {"main": self.model}
+
     def state(self):
         out = {"heads": {f"ranpac.{k}": v for k, v in self.head.state().items() if k in ("W", "W_rand", "lambda")},
                "stats": {f"ranpac.{k}": v for k, v in self.head.state().items() if k in ("G", "Q")}}
