@@ -106,6 +106,22 @@ class RanPACConfig:
 
 
 @dataclass
+class SAFEConfig:
+    """SAFE (Zhao et al., NeurIPS 2024): slow learner with the transfer loss, fast learner with
+    cross-classification and feature alignment, entropy-based aggregation."""
+
+    lambda_diag: float = 1.0  # transfer loss: weight of L_diag (PTM/slow correlation diagonal -> 1)
+    lambda_rdn: float = 1.0  # transfer loss: weight of L_rdn (off-diagonal -> 0)
+    transfer_norm: str = field(default="batch", metadata=_choices("batch", "sample"))  # paper: batch
+    lambda_cc: float = 1.0  # weight of the cross-classification loss (fast learner)
+    lambda_cos: float = 50.0  # weight of the feature-alignment loss 1 - cos(fast, slow), mean over the batch
+    fast_epochs: int = 3  # fast-learner epochs in every session after the first
+    fast_lr: float = 0.01  # fast PET learning rate
+    gamma: float = 1.0  # aggregation temperature: weights = softmax(-gamma [H_slow, H_fast])
+    inference: str = field(default="aggregate", metadata=_choices("aggregate", "slow", "fast"))  # what "main" is
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of one run; saved as ``config.yaml`` in the bundle."""
 
@@ -117,6 +133,7 @@ class Config:
     pet: PETConfig = field(default_factory=PETConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ranpac: RanPACConfig = field(default_factory=RanPACConfig)
+    safe: SAFEConfig = field(default_factory=SAFEConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -142,22 +142,32 @@ class RanPACHead:
     def select_lambda(self, stride: int = 3) -> float:
         """Choose lambda on the held-out statistics (see the class docstring).
 
-        Coarse to fine over the sorted candidates: every ``stride``-th one, then the neighbours
-        of the best. (One Cholesky factorisation per candidate; a full eigendecomposition, which
-        would serve all candidates at once, is many times slower on CPUs.)
+        One Cholesky factorisation per candidate tried (a full eigendecomposition, which would
+        serve all candidates at once, is many times slower on CPUs). First call: coarse to fine
+        over the sorted candidates, every ``stride``-th one, then the neighbours of the best.
+        Later calls (next sessions) start from the previous choice and walk to the local
+        minimum, trying its neighbours within ``stride - 1`` positions.
         """
         if not self.G_hold.any():
             return self.lam if self.lam is not None else 1.0
         cands = sorted(self.lambdas)
-        errors = {}
-        coarse = sorted(set(range(0, len(cands), stride)) | {len(cands) - 1})
-        for i in coarse:
-            errors[i] = self.holdout_error(cands[i])
-        best = min(errors, key=errors.get)
-        for i in range(max(0, best - stride + 1), min(len(cands), best + stride)):
-            if i not in errors:
-                errors[i] = self.holdout_error(cands[i])
-        return cands[min(errors, key=errors.get)]
+        errors: dict = {}
+
+        def score(indices):
+            for i in indices:
+                if 0 <= i < len(cands) and i not in errors:
+                    errors[i] = self.holdout_error(cands[i])
+            return min(errors, key=errors.get)
+
+        if self.lam in cands:
+            best = cands.index(self.lam)
+        else:
+            best = score(sorted(set(range(0, len(cands), stride)) | {len(cands) - 1}))
+        while True:
+            new_best = score(range(best - stride + 1, best + stride))
+            if new_best == best:
+                return cands[best]
+            best = new_best
 
     def solve(self, lam: Optional[float] = None) -> None:
         """W = (G + lambda I)^-1 Q over all statistics (Eq. 4), lambda chosen if not given."""

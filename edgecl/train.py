@@ -82,13 +82,14 @@ def train(cfg: Config, out: str, progress: bool = True, log: Callable = print) -
     }
     tensors = {"backbone": backbone.state_dict(), **learner.state()}
     curves = {cfg.method: tracked["main"].accuracy}
-    curves.update({k: m.accuracy for k, m in tracked.items() if k != "main"})
+    curves.update({k: m.accuracy for k, m in tracked.items() if k != "main" and m.accuracy != tracked["main"].accuracy})
     png = plot_accuracy(curves, title=f"{cfg.method} on {cfg.backbone.name}",
                   classes_per_session=[len(s) for s in scenario.sessions])
     extra = {
         "metrics.json": json.dumps(metrics, indent=2),
         "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
         "accuracy.png": png,
+        **learner.figures(**learner.final_eval),
     }
     write_bundle(Path(out), manifest, tensors, extra)
     return metrics

@@ -26,7 +26,7 @@ def test_help_lists_every_command_and_does_not_import_torch():
 
 
 def test_every_method_and_profile_resolves():
-    for method in ["simplecil", "ranpac"]:
+    for method in ["simplecil", "ranpac", "safe"]:
         for profile in [None, "quick", "full", "demo"]:
             cfg = resolve_config(method, profile)
             assert cfg.method == method
@@ -70,9 +70,9 @@ def test_cli_errors_are_one_line(tmp_path):
     res = _run(["train", "--method", "ranpac", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "missing" in res.output and "--data" in res.output
     assert res.output.strip().count("\n") == 0
-    res = _run(["train", "--method", "safe", "--data", str(tmp_path), "--out", str(tmp_path / "b")])
+    res = _run(["train", "--method", "slca", "--data", str(tmp_path), "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "not built yet" in res.output
     res = _run(["export", str(tmp_path), "--out", str(tmp_path / "e")])
-    assert res.exit_code == 2 and "not built yet" in res.output
+    assert res.exit_code == 2 and "not an edgecl bundle" in res.output
     res = _run(["eval", str(tmp_path / "nobundle"), "--data", str(tmp_path)])
     assert res.exit_code == 2 and "does not exist" in res.output

@@ -101,3 +101,14 @@ def test_coarse_to_fine_lambda_matches_exhaustive_search():
     head.add(x, y, hold)
     errors = {lam: head.holdout_error(lam) for lam in head.lambdas}
     assert head.select_lambda() == min(errors, key=errors.get)
+
+
+def test_lambda_search_warm_starts_from_previous_choice():
+    x, y = _blobs(n_cls=6, n=50, d=24, seed=5)
+    head = RanPACHead(24, 96, seed=2, lambdas=[10.0 ** e for e in range(-8, 15)])
+    hold = torch.zeros(len(y), dtype=torch.bool)
+    hold[::4] = True
+    head.add(x, y, hold)
+    errors = {lam: head.holdout_error(lam) for lam in head.lambdas}
+    head.lam = 1e14  # a previous session's choice far from the optimum: the walk still gets there
+    assert head.select_lambda() == min(errors, key=errors.get)

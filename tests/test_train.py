@@ -42,7 +42,7 @@ def invoke(args):
     return res
 
 
-@pytest.mark.parametrize("method", ["simplecil", "ranpac"])
+@pytest.mark.parametrize("method", ["simplecil", "ranpac", "safe"])
 def test_train_bundle_eval_and_reproducibility(folder, tmp_path, method):
     out = tmp_path / f"bundle-{method}"
     res = invoke(["train", "--data", str(folder), "--method", method, "--out", str(out), *TINY])

@@ -10,9 +10,9 @@ from ..errors import EdgeclError
 REGISTRY = {
     "simplecil": ("edgecl.learners.simplecil", "SimpleCIL"),
     "ranpac": ("edgecl.learners.ranpac", "RanPAC"),
+    "safe": ("edgecl.learners.safe", "SAFE"),
 }
 NOT_BUILT = {
-    "safe": "SAFE (issue #3)",
     "slca": "SLCA (issue #4)",
     "slcapp": "SLCA++ (issue #4)",
     "seqft": "sequential fine-tuning (issue #4)",

@@ -48,14 +48,15 @@ class Learner:
         self.num_seen = 0
         self.progress = True  # progress bars (run_sessions sets it)
         self._versions: dict = {}
+        self.volatile: set = set()  # tags of models that change every session: no full-set caching
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ to override
     def learn(self, t: int, train: ImageSet, new_classes: list) -> None:
         raise NotImplementedError
 
-    def predict(self, images: ImageSet) -> dict:
-        """Logits (numpy, [N, num_seen]) per predictor name; ``"main"`` is required."""
+    def predict(self, images: ImageSet, rows: Optional[np.ndarray] = None) -> dict:
+        """Logits (numpy, [len(rows) or N, num_seen]) per predictor name; ``"main"`` is required."""
         raise NotImplementedError
 
     def state(self) -> dict:
@@ -68,6 +69,10 @@ class Learner:
 
     def load_state(self, tensors: dict, meta: dict) -> None:
         raise NotImplementedError
+
+    def figures(self, labels: np.ndarray, logits: dict, session_of_label: np.ndarray) -> dict:
+        """Method-specific PNGs for the bundle ({file name: bytes}) from the final evaluation."""
+        return {}
 
     def feature_models(self) -> dict:
         """The feature extractors the heads read, by predictor name (what the exporter puts
@@ -88,12 +93,22 @@ class Learner:
         self._versions[tag] = self._versions.get(tag, 0) + 1
         self._cache = {k: v for k, v in self._cache.items() if k[0] != tag}
 
-    @torch.no_grad()
-    def features(self, model: torch.nn.Module, tag: str, images: ImageSet) -> torch.Tensor:
-        """Features of every image (eval mode, no augmentation), cached per model version."""
+    def features(self, model: torch.nn.Module, tag: str, images: ImageSet,
+                 rows: Optional[np.ndarray] = None) -> torch.Tensor:
+        """Features of the images (or of ``images[rows]``), eval mode, no augmentation.
+
+        Features of the whole set are cached per model version; for a model in
+        ``self.volatile`` (it changes every session) only the requested rows are computed.
+        """
         key = (tag, self._versions.get(tag, 0), images.key)
-        if key in self._cache:
-            return self._cache[key]
+        if key not in self._cache:
+            if rows is not None and tag in self.volatile:
+                return self._extract(model, images.subset(rows))
+            self._cache[key] = self._extract(model, images)
+        return self._cache[key] if rows is None else self._cache[key][torch.as_tensor(rows)]
+
+    @torch.no_grad()
+    def _extract(self, model: torch.nn.Module, images: ImageSet) -> torch.Tensor:
         was_training = model.training
         model.eval()
         bs = self.cfg.train.eval_batch_size
@@ -102,9 +117,7 @@ class Learner:
             x = torch.from_numpy(np.ascontiguousarray(images.images[start:start + bs])).to(self.device)
             out.append(model(self.normalize(x)).float().cpu())
         model.train(was_training)
-        feats = torch.cat(out) if out else torch.zeros(0, getattr(model, "feature_dim", 0))
-        self._cache[key] = feats
-        return feats
+        return torch.cat(out) if out else torch.zeros(0, getattr(model, "feature_dim", 0))
 
     def fit(self, params: list, train: ImageSet, epochs: int, step: Callable, desc: str,
             modules: tuple = ()) -> list:
@@ -199,14 +212,15 @@ def run_sessions(learner: Learner, train: ImageSet, val: ImageSet, scenario: Sce
         seen += len(classes)
         learner.num_seen = seen
         rows = np.where(val_all.labels < seen)[0]
-        logits = learner.predict(val_all)
+        logits = learner.predict(val_all, rows)
         accs = {}
         for name, lg in logits.items():
-            pred = np.asarray(lg)[rows, :seen].argmax(1)
+            pred = np.asarray(lg)[:, :seen].argmax(1)
             accs[name] = metrics[name].record(pred, val_all.labels[rows], session_of_label)
         bar.update(1)
         bar.set_postfix(acc=f"{accs['main']:.2f}")
         if on_session:
             on_session(t, accs)
     bar.close()
+    learner.final_eval = {"labels": val_all.labels[rows], "logits": logits, "session_of_label": session_of_label}
     return metrics

@@ -68,8 +68,8 @@ class RanPAC(Learner):
         self.head.add(feats, torch_labels(train), hold)
         self.head.solve()
 
-    def predict(self, images):
-        return {"main": self.head.logits(self.features(self.model, "adapted", images)).numpy()}
+    def predict(self, images, rows=None):
+        return {"main": self.head.logits(self.features(self.model, "adapted", images, rows)).numpy()}
 
     def feature_models(self):
         return {"main": self.model}

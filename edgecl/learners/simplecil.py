@@ -19,8 +19,8 @@ class SimpleCIL(Learner):
         feats = self.features(self.ptm, "ptm", train)
         self.prototypes.add(feats, torch_labels(train))
 
-    def predict(self, images):
-        return {"main": self.prototypes.logits(self.features(self.ptm, "ptm", images)).numpy()}
+    def predict(self, images, rows=None):
+        return {"main": self.prototypes.logits(self.features(self.ptm, "ptm", images, rows)).numpy()}
 
     def state(self):
         return {"heads": {f"prototypes.{k}": v for k, v in self.prototypes.state().items()}}

@@ -1,0 +1,219 @@
+"""SAFE (Zhao et al., "SAFE: Slow and Fast Parameter-Efficient Tuning for Continual Learning
+with Pre-Trained Models", NeurIPS 2024).
+
+- Session 1, slow learner (Sec. 4.1): PET + a cosine head trained with cross-entropy plus the
+  transfer loss from the frozen PTM (:func:`edgecl.losses.transfer_loss`); then frozen for good.
+- Sessions t > 1, fast learner (Sec. 4.2): PET initialised from the slow learner and updated in
+  every later session with cross-entropy over all seen classes, the cross-classification loss
+  (:func:`edgecl.losses.cross_classification_loss`) and the feature-alignment loss
+  (:func:`edgecl.losses.feature_alignment_loss`).
+- Each learner has its own RanPAC head with its own statistics (G_s, Q_s and G_f, Q_f), updated
+  with every session's data through that learner.
+- Inference (Sec. 4.3): entropy-based aggregation (:func:`edgecl.losses.entropy_aggregate`).
+
+The training-time cosine heads: the slow one is trained in session 1; its rows for later
+classes are the slow learner's class-mean features (the slow learner is frozen, so these are
+exact prototypes). The fast one starts as a copy of the slow one; its rows for new classes are
+initialised with the fast learner's class means and then trained.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import pet as petlib
+from ..heads import CosineHead, RanPACHead
+from ..losses import cross_classification_loss, entropy_aggregate, feature_alignment_loss, transfer_loss
+from .base import Learner
+from .ranpac import holdout_mask
+from .simplecil import torch_labels
+
+
+def _append_rows(head: CosineHead, rows: torch.Tensor, trainable: bool) -> None:
+    weight = torch.cat([head.weight.detach(), rows.to(head.weight.device, head.weight.dtype)])
+    head.weight = nn.Parameter(weight, requires_grad=trainable)
+
+
+def _class_means(feats: torch.Tensor, labels: torch.Tensor, classes: list) -> torch.Tensor:
+    return torch.stack([feats[labels == c].mean(0) for c in classes])
+
+
+class SAFE(Learner):
+    name = "safe"
+    predictors = ("main", "slow", "fast", "aggregate")
+
+    def __init__(self, cfg, backbone, device=None):
+        super().__init__(cfg, backbone, device)
+        d, rc = self.ptm.feature_dim, cfg.ranpac
+        self.slow = self.make_pet_model()
+        self.fast = self.make_pet_model()
+        self.slow_head = RanPACHead(d, rc.M, cfg.seed, rc.lambdas)
+        self.fast_head = RanPACHead(d, rc.M, cfg.seed + 1, rc.lambdas)
+        self.slow_cls = CosineHead(d, 0).to(self.device)
+        self.fast_cls = CosineHead(d, 0).to(self.device)
+        self.volatile = {"fast"}
+        self.history: dict = {}
+        self.final_weights = None
+
+    # ------------------------------------------------------------------ training
+    def train_slow(self, train, new_classes) -> None:
+        """Session 1: CE + transfer loss (Eq. 1-4), then the slow PET is frozen."""
+        tc, sc = self.cfg.train, self.cfg.safe
+        self.slow_cls = CosineHead(self.ptm.feature_dim, len(new_classes)).to(self.device)
+
+        def step(x, y):
+            f = self.slow(x)
+            terms = {"ce": F.cross_entropy(self.slow_cls(f), y)}
+            if sc.lambda_diag or sc.lambda_rdn:
+                with torch.no_grad():
+                    f_ptm = self.ptm(x)
+                terms.update(transfer_loss(f_ptm, f, sc.lambda_diag, sc.lambda_rdn, sc.transfer_norm))
+            return terms
+
+        params = [{"params": petlib.pet_parameters(self.slow.model), "lr": tc.lr},
+                  {"params": list(self.slow_cls.parameters()), "lr": tc.head_lr}]
+        self.history["slow"] = self.fit(params, train, tc.epochs, step, desc="session 1: slow learner",
+                                        modules=(self.slow.model,))
+
+    def start_fast(self) -> None:
+        """After session 1: freeze the slow learner; the fast learner starts as its copy."""
+        for p in list(self.slow.parameters()) + list(self.slow_cls.parameters()):
+            p.requires_grad_(False)
+        self.slow.eval()
+        self.fast = copy.deepcopy(self.slow)
+        petlib.freeze_for_pet(self.fast.model)  # PET parameters trainable again
+        self.fast_cls = copy.deepcopy(self.slow_cls)
+        for p in self.fast_cls.parameters():
+            p.requires_grad_(True)
+        self.bump("slow")
+        self.bump("fast")
+
+    def train_fast(self, t, train, new_classes) -> None:
+        """Session t > 1: CE + lambda_cc cross-classification + lambda_cos alignment (Eq. 5-7)."""
+        tc, sc = self.cfg.train, self.cfg.safe
+        labels = torch_labels(train)
+        f_slow = self.features(self.slow, "slow", train)
+        f_fast = self.features(self.fast, "fast", train)
+        _append_rows(self.slow_cls, _class_means(f_slow, labels, new_classes), trainable=False)
+        _append_rows(self.fast_cls, _class_means(f_fast, labels, new_classes), trainable=True)
+        num_old = new_classes[0]
+
+        def step(x, y):
+            f_f = self.fast(x)
+            with torch.no_grad():
+                f_s = self.slow(x)
+            terms = {"ce": F.cross_entropy(self.fast_cls(f_f), y)}
+            if sc.lambda_cc:
+                terms["cc"] = sc.lambda_cc * cross_classification_loss(self.fast_cls, self.slow_cls, f_f, f_s, y, num_old)
+            if sc.lambda_cos:
+                terms["cos"] = sc.lambda_cos * feature_alignment_loss(f_f, f_s)
+            return terms
+
+        if sc.fast_epochs > 0:
+            params = [{"params": petlib.pet_parameters(self.fast.model), "lr": sc.fast_lr},
+                      {"params": [self.fast_cls.weight, self.fast_cls.sigma], "lr": tc.head_lr}]
+            self.history[f"fast_{t + 1}"] = self.fit(params, train, sc.fast_epochs, step,
+                                                     desc=f"session {t + 1}: fast learner", modules=(self.fast.model,))
+            self.fast.eval()
+            self.bump("fast")
+
+    def learn(self, t, train, new_classes):
+        if t == 0:
+            if self.cfg.pet.kinds and self.cfg.train.epochs > 0:
+                self.train_slow(train, new_classes)
+            self.start_fast()
+        else:
+            self.train_fast(t, train, new_classes)
+        labels = torch_labels(train)
+        hold = holdout_mask(np.asarray(train.labels), self.cfg.ranpac.holdout_fraction, self.cfg.seed + t)
+        for model, tag, head in ((self.slow, "slow", self.slow_head), (self.fast, "fast", self.fast_head)):
+            head.add(self.features(model, tag, train), labels, hold)
+            head.solve()
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, images, rows=None):
+        l_slow = self.slow_head.logits(self.features(self.slow, "slow", images, rows))
+        l_fast = self.fast_head.logits(self.features(self.fast, "fast", images, rows))
+        agg, weights = entropy_aggregate(l_slow, l_fast, self.cfg.safe.gamma)
+        self.final_weights = weights.numpy()
+        main = {"aggregate": agg, "slow": l_slow, "fast": l_fast}[self.cfg.safe.inference]
+        return {"main": main.numpy(), "slow": l_slow.numpy(), "fast": l_fast.numpy(), "aggregate": agg.numpy()}
+
+    def feature_models(self):
+        return {"slow": self.slow, "fast": self.fast}
+
+    # ------------------------------------------------------------------ bundle
+    def state(self):
+        out = {"pet": {}, "heads": {}, "stats": {}}
+        for name, model, head, cls in (("slow", self.slow, self.slow_head, self.slow_cls),
+                                       ("fast", self.fast, self.fast_head, self.fast_cls)):
+            out["pet"].update({f"{name}.{k}": v for k, v in petlib.pet_state_dict(model.model).items()})
+            hs = head.state()
+            out["heads"].update({f"{name}.{k}": hs[k] for k in ("W", "W_rand", "lambda") if k in hs})
+            out["heads"].update({f"{name}_cls.{k}": v for k, v in cls.state_dict().items()})
+            out["stats"].update({f"{name}.{k}": hs[k] for k in ("G", "Q")})
+        return out
+
+    def meta(self):
+        return {**super().meta(), "feature_dim": self.ptm.feature_dim, "head": "ranpac", "learners": ["slow", "fast"],
+                "ranpac": {name: {"M": h.M, "seed": h.seed, "lambda": h.lam}
+                           for name, h in (("slow", self.slow_head), ("fast", self.fast_head))},
+                "gamma": self.cfg.safe.gamma, "inference": self.cfg.safe.inference, "history": self.history}
+
+    def load_state(self, tensors, meta):
+        for name, model, head, cls_attr in (("slow", self.slow, self.slow_head, "slow_cls"),
+                                            ("fast", self.fast, self.fast_head, "fast_cls")):
+            prefix = f"{name}."
+            petlib.load_pet_state_dict(model.model, {k[len(prefix):]: v for k, v in tensors["pet"].items() if k.startswith(prefix)})
+            model.eval()
+            state = {k[len(prefix):]: v for part in ("heads", "stats") for k, v in tensors[part].items() if k.startswith(prefix)}
+            head.load_state(state)
+            cls = CosineHead(self.ptm.feature_dim, tensors["heads"][f"{name}_cls.weight"].shape[0])
+            cls.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors["heads"].items() if k.startswith(f"{name}_cls.")})
+            setattr(self, cls_attr, cls.to(self.device))
+            self.bump(name)
+        self.num_seen = self.slow_head.num_classes
+
+    # ------------------------------------------------------------------ figure
+    def figures(self, labels: np.ndarray, logits: dict, session_of_label: np.ndarray) -> dict:
+        """The aggregation analysis (as the paper's Fig. 4): per class range (session), the
+        accuracy of slow, fast and aggregate, and the mean aggregation weight of each learner."""
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        sessions = session_of_label[labels]
+        n_sess = int(sessions.max()) + 1
+        ranges = [np.where(sessions == j)[0] for j in range(n_sess)]
+        first = [int(np.where(session_of_label == j)[0].min()) for j in range(n_sess)]
+        last = [int(np.where(session_of_label == j)[0].max()) for j in range(n_sess)]
+        names = [f"{a}-{b}" for a, b in zip(first, last)]
+        x = np.arange(n_sess)
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), dpi=120, sharex=True)
+        for k, (name, color) in enumerate((("slow", "tab:blue"), ("fast", "tab:orange"), ("aggregate", "tab:green"))):
+            pred = logits[name].argmax(1)
+            acc = [100.0 * float((pred[r] == labels[r]).mean()) for r in ranges]
+            ax1.bar(x + (k - 1) * 0.27, acc, 0.27, label=name, color=color)
+        ax1.set_ylabel("accuracy (%)")
+        ax1.legend(ncol=3, fontsize=8)
+        ax1.set_title("SAFE after the last session, by class range (session)")
+        w = self.final_weights
+        ax2.bar(x - 0.2, [w[r, 0].mean() for r in ranges], 0.4, label="slow weight", color="tab:blue")
+        ax2.bar(x + 0.2, [w[r, 1].mean() for r in ranges], 0.4, label="fast weight", color="tab:orange")
+        ax2.set_ylabel("mean aggregation weight")
+        ax2.set_xticks(x, names, rotation=45, fontsize=7)
+        ax2.set_xlabel("classes (incremental ids)")
+        ax2.legend(fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        return {"aggregation.png": buf.getvalue()}

@@ -1,0 +1,87 @@
+"""Loss terms and the aggregation rule of SAFE (Zhao et al., "SAFE: Slow and Fast
+Parameter-Efficient Tuning for Continual Learning with Pre-Trained Models", NeurIPS 2024).
+
+Every function here is pinned to hand-computed values in tests/test_losses.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _standardize_batch(f: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit variance of every feature dimension over the batch."""
+    return (f - f.mean(0)) / (f.std(0, unbiased=False) + eps)
+
+
+def cross_correlation(f_ptm: torch.Tensor, f_slow: torch.Tensor, norm: str = "batch") -> torch.Tensor:
+    """SAFE Eq. 1: M_ij = 1/N_b sum_k [phi_ptm(x_k)]_i [phi_slow(x_k)]_j  (d x d).
+
+    ``norm="batch"`` (the paper): each feature dimension standardised over the batch, so M is
+    a correlation matrix. ``norm="sample"`` (the authors' public code): each sample's feature
+    vector L2-normalised instead.
+    """
+    if norm == "batch":
+        a, b = _standardize_batch(f_ptm), _standardize_batch(f_slow)
+    elif norm == "sample":
+        a, b = F.normalize(f_ptm, dim=1), F.normalize(f_slow, dim=1)
+    else:
+        raise ValueError(f"unknown normalisation {norm!r}")
+    return a.T @ b / a.shape[0]
+
+
+def transfer_loss(f_ptm: torch.Tensor, f_slow: torch.Tensor, lambda_diag: float, lambda_rdn: float,
+                  norm: str = "batch") -> dict:
+    """SAFE Eq. 2-3, the slow learner's transfer loss from the frozen PTM:
+
+    L_diag = 1/d sum_i (1 - M_ii)^2            (keep each PTM feature: diagonal -> 1)
+    L_rdn  = 1/(d(d-1)) sum_{i != j} M_ij^2     (reduce redundancy: off-diagonal -> 0)
+
+    Returns the weighted terms ``{"diag": lambda_diag L_diag, "rdn": lambda_rdn L_rdn}``.
+    """
+    M = cross_correlation(f_ptm.float(), f_slow.float(), norm)
+    d = M.shape[0]
+    diag = torch.diagonal(M)
+    l_diag = ((1 - diag) ** 2).mean()
+    l_rdn = (M.pow(2).sum() - diag.pow(2).sum()) / (d * (d - 1))
+    return {"diag": lambda_diag * l_diag, "rdn": lambda_rdn * l_rdn}
+
+
+def cross_classification_loss(fast_head, slow_head, f_fast: torch.Tensor, f_slow: torch.Tensor,
+                              y: torch.Tensor, num_old: int) -> torch.Tensor:
+    """SAFE Eq. 6, cross-classification between the two learners.
+
+    Slow features (with the slow classifier's old-class rows standing in for old-class
+    features, labelled with their classes) are classified by the fast head, and fast features
+    (with the fast classifier's old-class rows) by the slow head; the loss is the sum of the
+    two cross-entropies. Heads are modules with a ``weight`` of [classes, d] applied to a
+    [N, d] input.
+    """
+    old = torch.arange(num_old, device=y.device)
+    targets = torch.cat([old, y])
+    slow_in = torch.cat([slow_head.weight[:num_old].detach(), f_slow])
+    fast_in = torch.cat([fast_head.weight[:num_old], f_fast])
+    return F.cross_entropy(fast_head(slow_in), targets) + F.cross_entropy(slow_head(fast_in), targets)
+
+
+def feature_alignment_loss(f_fast: torch.Tensor, f_slow: torch.Tensor) -> torch.Tensor:
+    """SAFE Eq. 7: mean over the batch of 1 - cos(phi_fast(x), phi_slow(x))."""
+    return (1 - F.cosine_similarity(f_fast, f_slow, dim=1)).mean()
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax(logits) per row."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return -(logp.exp() * logp).sum(1)
+
+
+def entropy_aggregate(logits_slow: torch.Tensor, logits_fast: torch.Tensor, gamma: float) -> tuple:
+    """SAFE Eq. 8-9, entropy-based aggregation at inference.
+
+    H = entropy of each learner's softmax; weights = softmax(-gamma [H_slow, H_fast]) per
+    sample; logits = w_slow l_slow + w_fast l_fast. Returns (logits, weights [N, 2]).
+    """
+    H = torch.stack([entropy(logits_slow), entropy(logits_fast)], dim=1)
+    w = torch.softmax(-gamma * H, dim=1)
+    return w[:, :1] * logits_slow + w[:, 1:] * logits_fast, w
