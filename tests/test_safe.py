@@ -1,0 +1,61 @@
+"""SAFE's learner mechanics on a tiny random ViT (seconds): the slow learner is frozen after
+session 1, the fast one keeps learning, each has its own statistics, and the aggregate is the
+entropy-weighted mix of the two heads."""
+
+import numpy as np
+import torch
+
+from edgecl import pet as petlib
+from edgecl.backbones import create_backbone
+from edgecl.config import resolve_config
+from edgecl.data import ImageSet
+from edgecl.learners.safe import SAFE
+from edgecl.losses import entropy_aggregate
+
+
+def _images(classes, n=8, seed=0):
+    rng = np.random.RandomState(seed)
+    imgs, labels = [], []
+    for c in classes:
+        base = rng.randint(0, 255, size=3)
+        imgs.append(np.clip(base + rng.randn(n, 32, 32, 3) * 30, 0, 255).astype(np.uint8))
+        labels += [c] * n
+    return ImageSet(np.concatenate(imgs), np.array(labels, dtype=np.int64), [f"c{c}" for c in range(4)],
+                    key=f"test-{seed}-{classes}")
+
+
+def _learner():
+    cfg = resolve_config("safe", overrides={
+        "backbone": {"name": "vit_tiny_patch16_224", "weights": "random", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}},
+        "data": {"input_size": 32}, "ranpac": {"M": 64}, "train": {"epochs": 1, "batch_size": 8, "device": "cpu"},
+        "safe": {"fast_epochs": 1}})
+    torch.manual_seed(0)
+    bb = create_backbone(cfg.backbone.name, "random", **cfg.backbone.kwargs)
+    learner = SAFE(cfg, bb)
+    learner.progress = False
+    return learner
+
+
+def test_slow_frozen_fast_learns_and_heads_are_separate():
+    learner = _learner()
+    learner.learn(0, _images([0, 1], seed=1), [0, 1])
+    learner.num_seen = 2
+    slow_after_1 = {k: v.clone() for k, v in petlib.pet_state_dict(learner.slow.model).items()}
+    fast_after_1 = {k: v.clone() for k, v in petlib.pet_state_dict(learner.fast.model).items()}
+    assert all(torch.equal(slow_after_1[k], fast_after_1[k]) for k in slow_after_1)  # fast starts as the slow
+    G_slow_1 = learner.slow_head.G.clone()
+
+    learner.learn(1, _images([2, 3], seed=2), [2, 3])
+    slow_after_2 = petlib.pet_state_dict(learner.slow.model)
+    fast_after_2 = petlib.pet_state_dict(learner.fast.model)
+    assert all(torch.equal(slow_after_1[k], slow_after_2[k]) for k in slow_after_1)
+    assert any(not torch.equal(fast_after_1[k], fast_after_2[k]) for k in fast_after_1)
+    assert learner.slow_head.Q.shape[1] == learner.fast_head.Q.shape[1] == 4
+    assert not torch.equal(learner.slow_head.G, G_slow_1)  # session 2 added to the slow statistics
+    assert not torch.equal(learner.slow_head.W_rand, learner.fast_head.W_rand)
+    assert learner.slow_cls.weight.shape[0] == learner.fast_cls.weight.shape[0] == 4
+
+    out = learner.predict(_images([0, 1, 2, 3], n=3, seed=3))
+    agg, w = entropy_aggregate(torch.from_numpy(out["slow"]), torch.from_numpy(out["fast"]), learner.cfg.safe.gamma)
+    assert np.allclose(out["main"], agg.numpy()) and np.allclose(out["aggregate"], agg.numpy())
+    assert np.allclose(learner.final_weights.sum(1), 1.0)
