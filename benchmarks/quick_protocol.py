@@ -18,6 +18,21 @@ import time
 from pathlib import Path
 
 
+def run_quick(method: str, seed: int, data: str, out: Path, sets=()) -> dict:
+    """One `edgecl train --profile quick` run; returns its metrics (plus wall_s)."""
+    from edgecl.config import parse_set, resolve_config
+    from edgecl.train import train
+
+    overrides = parse_set(sets)
+    overrides.setdefault("data", {})["root"] = data
+    overrides["seed"] = seed
+    cfg = resolve_config(method, "quick", None, overrides)
+    start = time.perf_counter()
+    m = train(cfg, str(out), progress=False, log=lambda *_: None)
+    m["wall_s"] = round(time.perf_counter() - start, 1)
+    return m
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="tiny-imagenet-100 (ImageFolder with train/ and val/)")
@@ -29,22 +44,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/quick")
     args = ap.parse_args(argv)
 
-    from edgecl.config import parse_set, resolve_config
-    from edgecl.train import train
-
     out = Path(args.out)
     results = []
     for method in args.methods:
         for seed in args.seeds:
             runs = []
             for r in range(args.repeat):
-                overrides = parse_set(args.sets)
-                overrides.setdefault("data", {})["root"] = args.data
-                overrides["seed"] = seed
-                cfg = resolve_config(method, "quick", None, overrides)
-                start = time.perf_counter()
-                m = train(cfg, str(out / f"{method}-s{seed}-r{r}"), progress=False, log=lambda *_: None)
-                m["wall_s"] = round(time.perf_counter() - start, 1)
+                m = run_quick(method, seed, args.data, out / f"{method}-s{seed}-r{r}", args.sets)
                 runs.append(m)
                 print(f"{method} seed {seed} run {r + 1}: A_last {m['A_last']:.2f} A_avg {m['A_avg']:.2f} "
                       f"({m['wall_s']:.0f} s)", file=sys.stderr, flush=True)

@@ -100,9 +100,16 @@ def train(data, val_data, dataset, method, profile, backbone, weights, pretraine
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_(path, data, split, per_class, as_json):
     """Top-1 accuracy of a bundle (or engine directory) on an ImageFolder."""
-    from .train import evaluate
+    from .device.engine_dir import is_engine_dir
 
-    result = evaluate(path, data, split, per_class, progress=not as_json)
+    if is_engine_dir(path):  # an engine directory: ONNX Runtime + numpy heads, as on the device
+        from .export.evaluate import evaluate_engine_dir
+
+        result = evaluate_engine_dir(path, data, split, per_class, progress=not as_json)
+    else:
+        from .train import evaluate
+
+        result = evaluate(path, data, split, per_class, progress=not as_json)
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -111,13 +118,23 @@ def eval_(path, data, split, per_class, as_json):
 
 @cli.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--out", required=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
-@click.option("--calib-data")
-@click.option("--trt", is_flag=True, help="Also build TensorRT engines.")
-def export(bundle, out, precision, calib_data, trt):
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The engine directory to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="int8: ONNX Runtime QDQ model (and TensorRT INT8 with --trt); fp16 needs --trt.")
+@click.option("--calib-data", type=click.Path(), help="ImageFolder for INT8 calibration (default: the bundle's training data).")
+@click.option("--calib-count", type=int, default=256, show_default=True, help="Calibration images (round-robin over classes).")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--batch-range", default="1,8,32", show_default=True, metavar="MIN,OPT,MAX",
+              help="TensorRT optimisation profile for the batch axis.")
+@click.option("--workspace-mb", type=int, default=1024, show_default=True, help="TensorRT builder workspace.")
+@click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs the tensorrt module and a GPU).")
+def export(bundle, out, precision, calib_data, calib_count, calib_method, batch_range, workspace_mb, trt):
     """Fold PET into the backbone and export ONNX / TensorRT engines to an engine directory."""
-    _not_built("export", "issue #5")
+    from .export.exporter import export_bundle
+
+    export_bundle(bundle, out, precision=precision, calib_data=calib_data, calib_count=calib_count,
+                  calib_method=calib_method, trt=trt, batch_range=batch_range, workspace_mb=workspace_mb,
+                  log=click.echo)
 
 
 @cli.command()

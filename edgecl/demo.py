@@ -56,6 +56,15 @@ def run_demo(out: str, method: str = "ranpac", progress: bool = True, log: Calla
     check = evaluate(str(bundle), str(data), progress=False)
     log(f"re-loaded {bundle}: accuracy {check['accuracy']:.2f} on {check['n']} val images "
         f"(training run said {metrics['A_last']:.2f})")
-    log(f"demo done in {time.perf_counter() - start:.0f} s; bundle: {bundle}")
-    return {"metrics": metrics, "eval": check, "bundle": str(bundle)}
+    from .export.evaluate import evaluate_engine_dir
+    from .export.exporter import export_bundle
+
+    engine_dir = out_dir / f"engine-{method}"
+    export_bundle(str(bundle), str(engine_dir), log=log)
+    engine_check = evaluate_engine_dir(str(engine_dir), str(data), progress=False)
+    log(f"engine directory {engine_dir} (ONNX Runtime + numpy heads): accuracy {engine_check['accuracy']:.2f} "
+        f"on {engine_check['n']} val images")
+    log(f"demo done in {time.perf_counter() - start:.0f} s; bundle: {bundle}; engine directory: {engine_dir}")
+    return {"metrics": metrics, "eval": check, "bundle": str(bundle), "engine_eval": engine_check,
+            "engine_dir": str(engine_dir)}
 

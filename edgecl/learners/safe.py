@@ -154,9 +154,9 @@ class SAFE(Learner):
                                        ("fast", self.fast, self.fast_head, self.fast_cls)):
             out["pet"].update({f"{name}.{k}": v for k, v in petlib.pet_state_dict(model.model).items()})
             hs = head.state()
-            out["heads"].update({f"{name}.{k}": hs[k] for k in ("W", "W_rand", "lambda") if k in hs})
+            out["heads"].update({f"{name}.ranpac.{k}": hs[k] for k in ("W", "W_rand", "lambda") if k in hs})
             out["heads"].update({f"{name}_cls.{k}": v for k, v in cls.state_dict().items()})
-            out["stats"].update({f"{name}.{k}": hs[k] for k in ("G", "Q")})
+            out["stats"].update({f"{name}.ranpac.{k}": hs[k] for k in ("G", "Q")})
         return out
 
     def meta(self):
@@ -171,6 +171,7 @@ class SAFE(Learner):
             prefix = f"{name}."
             petlib.load_pet_state_dict(model.model, {k[len(prefix):]: v for k, v in tensors["pet"].items() if k.startswith(prefix)})
             model.eval()
+            prefix = f"{name}.ranpac."
             state = {k[len(prefix):]: v for part in ("heads", "stats") for k, v in tensors[part].items() if k.startswith(prefix)}
             head.load_state(state)
             cls = CosineHead(self.ptm.feature_dim, tensors["heads"][f"{name}_cls.weight"].shape[0])

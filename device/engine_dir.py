@@ -1,0 +1,132 @@
+"""The engine directory written by ``edgecl export``: reading and verifying it, torch-free.
+
+Layout (``manifest.json`` binds everything by sha256)::
+
+    manifest.json          format "edgecl-engine", version, input contract, learners, models
+    model.fp32.onnx        the graph: uint8 NHWC frame (BGR) -> features_<learner> per learner
+    model.int8.qdq.onnx    (int8) ONNX Runtime static-quantized QDQ graph
+    heads.safetensors      per learner "<learner>.<tensor>": ranpac.W / ranpac.W_rand or
+                           prototypes.sums / prototypes.counts
+    stats.safetensors      per learner "<learner>.<tensor>": ranpac.G / ranpac.Q (enrollment)
+    classes.json           class names in logit order
+    parity.json            ONNX Runtime vs PyTorch report of the export
+    calibration/           INT8 calibration caches with their keys
+    *.plan, timing.cache   TensorRT engines (names carry precision, TensorRT version, device and
+                           the ONNX hash) and the builder's timing cache (not bound)
+
+Only numpy (and safetensors' numpy API) is needed to read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from edgecl.errors import EdgeclError
+
+FORMAT = "edgecl-engine"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_engine_dir(path) -> bool:
+    mf = Path(path) / "manifest.json"
+    if not mf.is_file():
+        return False
+    try:
+        return json.loads(mf.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def read_manifest(path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise EdgeclError(f"engine directory {path} does not exist; create it with edgecl export BUNDLE --out {path}")
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise EdgeclError(f"{path} is not an engine directory: manifest.json is missing (re-run edgecl export)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, ValueError) as exc:
+        raise EdgeclError(f"{mf} cannot be read as JSON ({exc}); re-run edgecl export") from None
+    if manifest.get("format") != FORMAT:
+        raise EdgeclError(f"{mf} is not an edgecl engine manifest (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise EdgeclError(f"engine directory {path} has format version {manifest.get('format_version')}; this edgecl "
+                          f"reads version {FORMAT_VERSION}: re-export the bundle with this edgecl")
+    return manifest
+
+
+def verify(path, manifest: dict, names=None) -> None:
+    """Refuse a missing file or one whose sha256 differs from the manifest's (``names``: the
+    files to check, default all bound files)."""
+    path = Path(path)
+    files = manifest.get("files", {})
+    for name in (names if names is not None else files):
+        if name not in files:
+            raise EdgeclError(f"engine directory {path}: {name} is not bound by its manifest; re-run edgecl export")
+        f = path / name
+        if not f.is_file():
+            raise EdgeclError(f"engine directory {path} is incomplete: {name} is missing; re-run edgecl export")
+        if sha256_file(f) != files[name]:
+            raise EdgeclError(f"engine directory {path}: {name} does not match the manifest's hash (the parts are "
+                              f"mismatched or were edited); re-run edgecl export")
+
+
+def model_file(manifest: dict, precision: str = None) -> str:
+    precision = precision or manifest.get("precision", "fp32")
+    models = manifest.get("models", {})
+    if precision not in models:
+        raise EdgeclError(f"the engine directory has no {precision} ONNX model (it has: {', '.join(models)}); "
+                          f"export with --precision {precision}")
+    return models[precision]["file"]
+
+
+def load_tensors(path, manifest: dict, stem: str) -> dict:
+    """{learner: {tensor name: ndarray}} from ``heads`` / ``stats``."""
+    from safetensors.numpy import load_file
+
+    name = f"{stem}.safetensors"
+    if name not in manifest.get("files", {}):
+        return {ln: {} for ln in manifest["learners"]}
+    flat = load_file(str(Path(path) / name))
+    out = {ln: {} for ln in manifest["learners"]}
+    for key, value in flat.items():
+        learner, _, rest = key.partition(".")
+        if learner in out:
+            out[learner][rest] = value
+    return out
+
+
+def load_heads(path, manifest: dict) -> dict:
+    from .heads import Head
+
+    tensors = load_tensors(path, manifest, "heads")
+    return {ln: Head(info["head"], tensors[ln]) for ln, info in manifest["learners"].items()}
+
+
+def class_names(path, manifest: dict) -> list:
+    return json.loads((Path(path) / "classes.json").read_text())
+
+
+def open_engine_dir(path, verify_files: bool = True) -> dict:
+    """Read and verify: ``{"manifest", "heads": {learner: Head}, "classes": [...]}``."""
+    manifest = read_manifest(path)
+    if verify_files:
+        verify(path, manifest)
+    heads = load_heads(path, manifest)
+    classes = class_names(path, manifest)
+    for ln, head in heads.items():
+        if head.num_classes != len(classes):
+            raise EdgeclError(f"engine directory {path}: learner {ln}'s head has {head.num_classes} classes but "
+                              f"classes.json names {len(classes)}; re-run edgecl export")
+    return {"manifest": manifest, "heads": heads, "classes": classes}

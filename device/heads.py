@@ -1,0 +1,74 @@
+"""Classifier heads in numpy, torch-free (the device runtime and ``edgecl eval ENGINE_DIR``).
+
+The exported graph outputs one feature vector per learner; the heads stay outside the graph
+because enrollment changes them. Two kinds, matching :mod:`edgecl.heads`:
+
+* ``ranpac``: logits = ReLU(f @ W_rand) @ W  (W_rand d x M, W M x C; plain ridge if no W_rand)
+* ``prototypes`` (SimpleCIL): logits = cos(f, sums_c / counts_c)
+
+SAFE-style aggregation of several learners' logits (entropy-weighted) is :func:`aggregate`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def ranpac_logits(features: np.ndarray, W: np.ndarray, W_rand=None) -> np.ndarray:
+    f = np.asarray(features, dtype=np.float32)
+    h = f if W_rand is None else np.maximum(f @ np.asarray(W_rand, dtype=np.float32), 0.0)
+    return h @ np.asarray(W, dtype=np.float32)
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def prototype_logits(features: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    means = (np.asarray(sums, dtype=np.float64) / np.maximum(np.asarray(counts, dtype=np.float64), 1)[:, None])
+    return _l2n(np.asarray(features, dtype=np.float32)) @ _l2n(means.astype(np.float32)).T
+
+
+class Head:
+    """One learner's head: ``kind`` and its tensors (numpy, names without the learner prefix)."""
+
+    def __init__(self, kind: str, tensors: dict):
+        self.kind, self.tensors = kind, tensors
+        if kind == "ranpac":
+            self.W = np.asarray(tensors["ranpac.W"], dtype=np.float32)
+            self.W_rand = tensors.get("ranpac.W_rand")
+            if self.W_rand is not None:
+                self.W_rand = np.asarray(self.W_rand, dtype=np.float32)
+        elif kind == "prototypes":
+            self.sums, self.counts = tensors["prototypes.sums"], tensors["prototypes.counts"]
+        else:
+            raise ValueError(f"unknown head kind {kind!r}")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.W.shape[1] if self.kind == "ranpac" else self.sums.shape[0])
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        if self.kind == "ranpac":
+            return ranpac_logits(features, self.W, self.W_rand)
+        return prototype_logits(features, self.sums, self.counts)
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def aggregate(logits: dict, gamma: float = 1.0) -> np.ndarray:
+    """Entropy-weighted aggregation (SAFE): w = softmax(-gamma * H_i), logits = sum w_i l_i.
+    A single learner's logits are returned unchanged."""
+    names = list(logits)
+    if len(names) == 1:
+        return logits[names[0]]
+    ent = []
+    for n in names:
+        p = softmax(logits[n].astype(np.float64), 1)
+        ent.append(-(p * np.log(np.clip(p, 1e-12, None))).sum(1))
+    w = softmax(-gamma * np.stack(ent, 1), 1)
+    return sum(w[:, i:i + 1] * logits[n] for i, n in enumerate(names)).astype(np.float32)

@@ -1,0 +1,257 @@
+"""``edgecl export``: run bundle -> engine directory (see :mod:`edgecl.device.engine_dir`).
+
+1. Load the learner from the bundle (its errors name the file: missing, incomplete, damaged,
+   unknown format version).
+2. Fold SSF/LoRA into the weights of every learner's feature model, put preprocessing in
+   front (uint8 NHWC BGR frame at the bundle's input size) and export one ONNX graph with an
+   output per learner (opset 17, dynamic batch), checked with ``onnx.checker`` (full check).
+3. Copy heads and statistics (prefixed by learner name) and the class names.
+4. Parity report (ONNX Runtime CPU vs PyTorch) on the bundle's val images, else generated ones.
+5. ``--precision int8``: ONNX Runtime static QDQ quantization with calibration cache.
+6. ``--trt``: TensorRT engines (:mod:`edgecl.export.tensorrt`).
+7. Manifest binding every file by sha256; the directory is renamed into place atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from edgecl import __version__
+from edgecl.device.engine_dir import FORMAT, FORMAT_VERSION, is_engine_dir, sha256_file
+from edgecl.errors import EdgeclError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+CHANNEL_ORDER = "BGR"
+
+
+def parse_batch_range(text) -> tuple:
+    if text is None:
+        return (1, 8, 32)
+    if isinstance(text, (tuple, list)):
+        parts = list(text)
+    else:
+        try:
+            parts = [int(v) for v in str(text).split(",")]
+        except ValueError:
+            parts = []
+    if len(parts) != 3 or not all(isinstance(v, int) and v >= 1 for v in parts) or not parts[0] <= parts[1] <= parts[2]:
+        raise EdgeclError(f"--batch-range {text!r}: expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, e.g. 1,8,32")
+    return tuple(parts)
+
+
+def check_options(precision: str, trt: bool) -> None:
+    if precision not in PRECISIONS:
+        raise EdgeclError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and not trt:
+        raise EdgeclError("--precision fp16 needs --trt (ONNX Runtime on the CPU runs fp32 or int8 QDQ); "
+                          "add --trt or use --precision fp32|int8")
+    if trt:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise EdgeclError("--trt: the tensorrt Python module is not installed here; install TensorRT "
+                              "(pip install 'edgecl[trt]' or JetPack), or export without --trt and build on the "
+                              "board with the printed trtexec command") from None
+
+
+def _head_kinds(manifest: dict, learners: list) -> dict:
+    meta = manifest.get("learner", {}) or {}
+    if isinstance(meta.get("heads"), dict):
+        return {ln: meta["heads"][ln] for ln in learners}
+    kind = meta.get("head")
+    if kind not in ("ranpac", "prototypes"):
+        raise EdgeclError(f"bundle method {manifest.get('method')!r}: head kind {kind!r} cannot be exported yet")
+    return {ln: kind for ln in learners}
+
+
+def _learner_tensors(group: dict, learners: list) -> dict:
+    """Bundle tensors -> engine-dir names ``<learner>.<name>`` (single learner: all of them)."""
+    out = {}
+    for key, value in group.items():
+        if len(learners) == 1 and not key.startswith(f"{learners[0]}."):
+            out[f"{learners[0]}.{key}"] = value
+        elif key.split(".", 1)[0] in learners:
+            out[key] = value
+    return {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in out.items()}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parity_images(manifest: dict, size: int, count: int, log: Callable) -> tuple:
+    """(uint8 RGB images, source description): the bundle's val data if present, else generated."""
+    from edgecl.calibration.readers import load_calibration_images
+
+    data = manifest.get("config", {}).get("data", {}) or {}
+    root = data.get("val_root") or data.get("root")
+    if root:
+        val = Path(root) / "val" if (Path(root) / "val").is_dir() else Path(root)
+        if val.is_dir():
+            try:
+                imgs = load_calibration_images(val, size, count, cache_dir=data.get("cache_dir"), what="bundle val data")
+                return imgs, f"bundle val data {val} ({len(imgs)} images)"
+            except EdgeclError as exc:
+                log(f"parity: bundle data unusable ({exc}); using generated images")
+    rng = np.random.RandomState(0)
+    base = rng.randint(0, 256, size=(count, 1, 1, 3))
+    imgs = np.clip(base + rng.randn(count, size, size, 3) * 40, 0, 255).astype(np.uint8)
+    return imgs, f"generated ({count} seeded random images)"
+
+
+def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str] = None, calib_count: int = 256,
+                  calib_method: str = "minmax", trt: bool = False, batch_range=None, parity_count: int = 128,
+                  workspace_mb: int = 1024, log: Callable = print) -> dict:
+    """Export ``bundle`` to the engine directory ``out``; returns its manifest."""
+    from safetensors.numpy import save_file
+
+    from edgecl.device.heads import Head
+    from edgecl.train import load_learner
+
+    from .graph import INPUT_NAME, OPSET, ExportGraph, export_onnx, folded_feature_models, output_name
+    from .parity import parity_report
+
+    check_options(precision, trt)
+    batch_range = parse_batch_range(batch_range)
+    if calib_method not in ("minmax", "entropy", "percentile"):
+        raise EdgeclError(f"--calib-method {calib_method!r}: choose minmax, entropy or percentile")
+    out = Path(out).resolve()
+    if out.exists() and not is_engine_dir(out):
+        raise EdgeclError(f"--out {out} exists and is not an engine directory; choose another path or remove it")
+    start = time.perf_counter()
+    learner, bm = load_learner(str(bundle))
+    learners = list(learner.feature_models())
+    kinds = _head_kinds(bm, learners)
+    size = int(bm["input"]["size"])
+    mean, std = bm["input"]["mean"], bm["input"]["std"]
+    # calibration images first: a missing --calib-data fails before any export work
+    frames = _calibration_frames(bm, calib_data, calib_count, size) if precision == "int8" else None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        # calibration caches travel from a previous export of the same directory (their keys decide)
+        if (out / "calibration").is_dir():
+            shutil.copytree(out / "calibration", tmp / "calibration")
+        graph = ExportGraph(folded_feature_models(learner), mean, std, channel_order=CHANNEL_ORDER)
+        export_onnx(graph, tmp / "model.fp32.onnx", size)
+        log(f"exported {tmp.name}/model.fp32.onnx: {', '.join(output_name(n) for n in learners)} (opset {OPSET})")
+
+        tensors = _bundle_tensors(bundle)
+        heads_np = _learner_tensors(tensors.get("heads", {}), learners)
+        stats_np = _learner_tensors(tensors.get("stats", {}), learners)
+        save_file(heads_np, str(tmp / "heads.safetensors"))
+        if stats_np:
+            save_file(stats_np, str(tmp / "stats.safetensors"))
+        classes = list(bm["classes"]["names"])
+        (tmp / "classes.json").write_text(json.dumps(classes, indent=1))
+        heads = {ln: Head(kinds[ln], {k.split(".", 1)[1]: v for k, v in heads_np.items() if k.startswith(f"{ln}.")})
+                 for ln in learners}
+
+        imgs, source = parity_images(bm, size, parity_count, log)
+        parity = {"fp32": parity_report(learner, tmp / "model.fp32.onnx", imgs, heads, CHANNEL_ORDER, source)}
+        models = {"fp32": {"file": "model.fp32.onnx", "runtime": "onnxruntime"}}
+        if precision == "int8":
+            from .quantize import quantize_qdq
+            facts = quantize_qdq(tmp / "model.fp32.onnx", tmp / "model.int8.qdq.onnx", frames, tmp / "calibration",
+                                 method=calib_method, input_name=INPUT_NAME, log=log)
+            models["int8"] = {"file": "model.int8.qdq.onnx", "runtime": "onnxruntime", **facts}
+            parity["int8"] = parity_report(learner, tmp / "model.int8.qdq.onnx", imgs, heads, CHANNEL_ORDER, source,
+                                           precision="int8")
+        (tmp / "parity.json").write_text(json.dumps(parity, indent=2))
+        for p, rep in parity.items():
+            log(f"parity {p}: max abs {rep['max_abs']:.3g} (relative {rep['max_rel']:.3g}), "
+                f"top-1 agreement {100 * rep['top1_agreement']:.2f}% on {rep['images']} images")
+
+        engines = []
+        if trt:
+            from .tensorrt import build_for_export
+            engines = build_for_export(tmp, precision, batch_range, size, bm, calib_data, calib_count,
+                                       frames, workspace_mb=workspace_mb, log=log)
+
+        files = {}
+        for f in sorted(tmp.rglob("*")):
+            rel = f.relative_to(tmp).as_posix()
+            if f.is_file() and rel != "timing.cache" and not rel.startswith("calibration/"):
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                files[rel] = sha256_file(f)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "edgecl_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source_bundle": {"path": str(Path(bundle).resolve()), "manifest_sha256": sha256_file(Path(bundle) / "manifest.json"),
+                              "A_last": (bm.get("metrics") or {}).get("A_last"),
+                              "val_per_class": (bm.get("config", {}).get("data", {}) or {}).get("val_per_class")},
+            "method": bm.get("method"), "backbone": bm.get("backbone"),
+            "input": {"name": INPUT_NAME, "size": size, "layout": "NHWC", "dtype": "uint8",
+                      "channel_order": CHANNEL_ORDER, "mean": list(mean), "std": list(std),
+                      "preprocessing": "in graph: (x/255 - mean)/std, channel flip; the device only resizes"},
+            "learners": {ln: {"output": output_name(ln), "feature_dim": int(learner.feature_models()[ln].feature_dim)
+                              if hasattr(learner.feature_models()[ln], "feature_dim") else None,
+                              "head": kinds[ln]} for ln in learners},
+            "aggregation": {"kind": "entropy", "gamma": (bm.get("learner") or {}).get("gamma", 1.0)}
+            if len(learners) > 1 else None,
+            "classes": {"file": "classes.json", "count": len(classes)},
+            "precision": precision, "opset": OPSET, "batch_range": list(batch_range),
+            "models": models, "engines": engines,
+            "parity": {p: {k: r[k] for k in ("max_abs", "max_rel", "top1_agreement", "images")} for p, r in parity.items()},
+            "files": files,
+        }
+        with open(tmp / "manifest.json", "w") as fh:
+            json.dump(manifest, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync(tmp)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        _fsync(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"engine directory: {out} ({time.perf_counter() - start:.0f} s)")
+    return manifest
+
+
+def _bundle_tensors(bundle) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for stem in ("heads", "stats"):
+        f = Path(bundle) / f"{stem}.safetensors"
+        if f.is_file():
+            out[stem] = load_file(str(f))
+    return out
+
+
+def _calibration_frames(bm: dict, calib_data, calib_count: int, size: int) -> np.ndarray:
+    """Calibration frames (uint8 NHWC in the graph's channel order)."""
+    from edgecl.calibration.readers import bundle_train_dir, load_calibration_images
+
+    if calib_data is None:
+        calib_data = bundle_train_dir(bm)
+        if calib_data is None:
+            raise EdgeclError("--precision int8 needs calibration images: the bundle's training data "
+                              f"({(bm.get('config', {}).get('data', {}) or {}).get('root')}) is not here; "
+                              "pass --calib-data DIR (an ImageFolder)")
+    imgs = load_calibration_images(calib_data, size, calib_count,
+                                   cache_dir=(bm.get("config", {}).get("data", {}) or {}).get("cache_dir"))
+    return np.ascontiguousarray(imgs[..., ::-1]) if CHANNEL_ORDER == "BGR" else imgs
