@@ -149,7 +149,7 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
             shutil.copytree(out / "calibration", tmp / "calibration")
         graph = ExportGraph(folded_feature_models(learner), mean, std, channel_order=CHANNEL_ORDER)
         export_onnx(graph, tmp / "model.fp32.onnx", size)
-        log(f"exported {tmp.name}/model.fp32.onnx: {', '.join(output_name(n) for n in learners)} (opset {OPSET})")
+        log(f"exported model.fp32.onnx: {', '.join(output_name(n) for n in learners)} (opset {OPSET})")
 
         tensors = _bundle_tensors(bundle)
         heads_np = _learner_tensors(tensors.get("heads", {}), learners)
