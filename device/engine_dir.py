@@ -19,22 +19,14 @@ Only numpy (and safetensors' numpy API) is needed to read it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from edgecl.errors import EdgeclError
+from edgecl.fsutil import read_manifest_json, sha256_file
 
 FORMAT = "edgecl-engine"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_engine_dir(path) -> bool:
@@ -48,22 +40,8 @@ def is_engine_dir(path) -> bool:
 
 
 def read_manifest(path) -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise EdgeclError(f"engine directory {path} does not exist; create it with edgecl export BUNDLE --out {path}")
-    mf = path / "manifest.json"
-    if not mf.is_file():
-        raise EdgeclError(f"{path} is not an engine directory: manifest.json is missing (re-run edgecl export)")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, ValueError) as exc:
-        raise EdgeclError(f"{mf} cannot be read as JSON ({exc}); re-run edgecl export") from None
-    if manifest.get("format") != FORMAT:
-        raise EdgeclError(f"{mf} is not an edgecl engine manifest (format {manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise EdgeclError(f"engine directory {path} has format version {manifest.get('format_version')}; this edgecl "
-                          f"reads version {FORMAT_VERSION}: re-export the bundle with this edgecl")
-    return manifest
+    return read_manifest_json(path, FORMAT, FORMAT_VERSION, "engine directory",
+                              f"create it with edgecl export BUNDLE --out {path}")
 
 
 def verify(path, manifest: dict, names=None) -> None:

@@ -17,34 +17,17 @@ renamed into place; a bundle therefore exists whole or not at all.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
 from .errors import EdgeclError
+from .fsutil import publish_dir, read_manifest_json, sha256_file, write_json_durable
 
 FORMAT = "edgecl-bundle"
 FORMAT_VERSION = 1
 TENSOR_FILES = ("backbone", "pet", "heads", "stats")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_bundle(out: Path, manifest: dict, tensors: dict, extra_files: Optional[dict] = None) -> Path:
@@ -74,44 +57,15 @@ def write_bundle(out: Path, manifest: dict, tensors: dict, extra_files: Optional
             (tmp / name).write_bytes(content if isinstance(content, bytes) else str(content).encode())
         files[name] = None
     for name in files:
-        with open(tmp / name, "rb+") as f:
-            os.fsync(f.fileno())
         files[name] = sha256_file(tmp / name)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
-    with open(tmp / "manifest.json", "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    write_json_durable(tmp / "manifest.json", manifest)
+    publish_dir(tmp, out)
     return out
 
 
 def read_manifest(path: Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise EdgeclError(f"bundle {path} does not exist")
-    mf = path / "manifest.json"
-    if not mf.is_file():
-        raise EdgeclError(f"{path} is not an edgecl bundle: manifest.json is missing")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, ValueError) as exc:
-        raise EdgeclError(f"{mf} cannot be read as JSON ({exc}); the bundle is damaged, re-run edgecl train") from None
-    if manifest.get("format") != FORMAT:
-        raise EdgeclError(f"{mf} is not an edgecl bundle manifest (format {manifest.get('format')!r})")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise EdgeclError(f"bundle {path} has format version {version}; this edgecl reads version {FORMAT_VERSION}: "
-                          "re-train it or use a matching edgecl")
-    return manifest
+    return read_manifest_json(path, FORMAT, FORMAT_VERSION, "bundle", "re-run edgecl train")
 
 
 def read_bundle(path: Path, verify: bool = True) -> tuple:

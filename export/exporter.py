@@ -24,8 +24,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from edgecl import __version__
-from edgecl.device.engine_dir import FORMAT, FORMAT_VERSION, is_engine_dir, sha256_file
+from edgecl.device.engine_dir import FORMAT, FORMAT_VERSION, is_engine_dir
 from edgecl.errors import EdgeclError
+from edgecl.fsutil import publish_dir, sha256_file, write_json_durable
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CHANNEL_ORDER = "BGR"
@@ -80,14 +81,6 @@ def _learner_tensors(group: dict, learners: list) -> dict:
         elif key.split(".", 1)[0] in learners:
             out[key] = value
     return {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in out.items()}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def parity_images(manifest: dict, size: int, count: int, log: Callable) -> tuple:
@@ -187,8 +180,6 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
         for f in sorted(tmp.rglob("*")):
             rel = f.relative_to(tmp).as_posix()
             if f.is_file() and rel != "timing.cache" and not rel.startswith("calibration/"):
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
                 files[rel] = sha256_file(f)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "edgecl_version": __version__,
@@ -211,19 +202,8 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
             "parity": {p: {k: r[k] for k in ("max_abs", "max_rel", "top1_agreement", "images")} for p, r in parity.items()},
             "files": files,
         }
-        with open(tmp / "manifest.json", "w") as fh:
-            json.dump(manifest, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync(tmp)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        _fsync(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        write_json_durable(tmp / "manifest.json", manifest)
+        publish_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
