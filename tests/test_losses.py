@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -84,3 +86,13 @@ def test_entropy_aggregation_formula():
     # gamma = 0: plain average
     logits0, w0 = entropy_aggregate(l_slow, l_fast, 0.0)
     assert torch.allclose(w0, torch.tensor([[0.5, 0.5]])) and torch.allclose(logits0, (l_slow + l_fast) / 2)
+
+
+def test_device_numpy_aggregation_matches_training_formula():
+    from edgecl.device.heads import aggregate
+
+    g = torch.Generator().manual_seed(0)
+    l_slow, l_fast = torch.randn(5, 7, generator=g) * 3, torch.randn(5, 7, generator=g) * 3
+    ref, _ = entropy_aggregate(l_slow, l_fast, gamma=1.5)
+    got = aggregate({"slow": l_slow.numpy(), "fast": l_fast.numpy()}, gamma=1.5)
+    assert np.allclose(got, ref.numpy(), atol=1e-5)
