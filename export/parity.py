@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edgecl.device.heads import Head
 
 
 def torch_features(learner, images_rgb: np.ndarray, batch: int = 64) -> dict:

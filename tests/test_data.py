@@ -13,7 +13,6 @@ from PIL import Image
 from edgecl import data as D
 from edgecl.config import DataConfig
 from edgecl.data import (
-    ImageSet,
     Scenario,
     augment_batch,
     build_scenario,

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from edgecl.cli import cli
 from test_train import TINY, invoke, make_imagefolder
 from test_export_fakes import make_fake_tensorrt
 

@@ -183,6 +183,10 @@ def cross_entropy_step(model: torch.nn.Module, head: torch.nn.Module) -> Callabl
     return step
 
 
+def torch_labels(images: ImageSet) -> torch.Tensor:
+    return torch.as_tensor(images.labels, dtype=torch.long)
+
+
 def with_labels(images: ImageSet, labels: np.ndarray) -> ImageSet:
     return dataclasses.replace(images, labels=np.asarray(labels, dtype=np.int64))
 

@@ -15,8 +15,7 @@ import torch
 
 from .. import pet as petlib
 from ..heads import CosineHead, RanPACHead
-from .base import Learner, cross_entropy_step
-from .simplecil import torch_labels
+from .base import Learner, cross_entropy_step, torch_labels
 
 
 def holdout_mask(labels: np.ndarray, fraction: float, seed: int) -> torch.Tensor:

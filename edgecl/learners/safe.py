@@ -29,9 +29,8 @@ from torch import nn
 from .. import pet as petlib
 from ..heads import CosineHead, RanPACHead
 from ..losses import cross_classification_loss, entropy_aggregate, feature_alignment_loss, transfer_loss
-from .base import Learner
+from .base import Learner, torch_labels
 from .ranpac import holdout_mask
-from .simplecil import torch_labels
 
 
 def _append_rows(head: CosineHead, rows: torch.Tensor, trainable: bool) -> None:

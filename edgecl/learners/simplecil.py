@@ -5,7 +5,7 @@ cosine classifier whose weights are the class means (prototypes) of its features
 from __future__ import annotations
 
 from ..heads import Prototypes
-from .base import Learner
+from .base import Learner, torch_labels
 
 
 class SimpleCIL(Learner):
@@ -33,8 +33,3 @@ class SimpleCIL(Learner):
         self.prototypes.load_state({k: heads[f"prototypes.{k}"] for k in ("sums", "counts")})
         self.num_seen = self.prototypes.num_classes
 
-
-def torch_labels(images):
-    import torch
-
-    return torch.as_tensor(images.labels, dtype=torch.long)
