@@ -21,10 +21,11 @@ def evaluate_engine_dir(path, data, split: str = "val", per_class: Optional[int]
 
     eng = open_engine_dir(path)
     manifest, heads, classes = eng["manifest"], eng["heads"], eng["classes"]
-    precision = precision or manifest.get("precision", "fp32")
-    if precision not in manifest["models"]:  # e.g. an fp16 TensorRT export: its ONNX runs at fp32 here
-        precision = "fp32"
-    onnx_file = model_file(manifest, precision)
+    if precision is None:
+        precision = manifest.get("precision", "fp32")
+        if precision not in manifest["models"]:  # e.g. an fp16 TensorRT export: its ONNX runs at fp32 here
+            precision = "fp32"
+    onnx_file = model_file(manifest, precision)  # an explicit precision the directory lacks is refused
     root = Path(data)
     folder = root / split if (root / split).is_dir() else root
     if per_class is None:

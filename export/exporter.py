@@ -112,7 +112,7 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
     from edgecl.device.heads import Head
     from edgecl.train import load_learner
 
-    from .graph import INPUT_NAME, OPSET, ExportGraph, export_onnx, folded_feature_models, output_name
+    from .graph import INPUT_NAME, OPSET, ExportGraph, export_onnx, folded_feature_models, output_name, static_same_padding
     from .parity import parity_report
 
     check_options(precision, trt)
@@ -141,6 +141,7 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
         if (out / "calibration").is_dir():
             shutil.copytree(out / "calibration", tmp / "calibration")
         graph = ExportGraph(folded_feature_models(learner), mean, std, channel_order=CHANNEL_ORDER)
+        static_same_padding(graph, size)
         export_onnx(graph, tmp / "model.fp32.onnx", size)
         log(f"exported model.fp32.onnx: {', '.join(output_name(n) for n in learners)} (opset {OPSET})")
 

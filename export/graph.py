@@ -10,6 +10,7 @@ NCHW, :class:`edgecl.backbones.Normalize`) and returns one feature tensor per le
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -39,6 +40,47 @@ def fold(model: nn.Module) -> nn.Module:
 
 def folded_feature_models(learner) -> dict:
     return {name: fold(m) for name, m in learner.feature_models().items()}
+
+
+def static_same_padding(graph: nn.Module, size: int) -> int:
+    """Resolve TensorFlow-style "SAME" padding for the export's fixed input ``size`` (uint8 NHWC frames).
+
+    timm's ``Conv2dSame`` (the ``tf_`` EfficientNets) computes its padding from the input's
+    shape at run time; traced to ONNX that becomes a Shape/Gather/Ceil/Pad subgraph per
+    convolution, which ONNX Runtime's quantizer then quantizes like data (int8 pad amounts:
+    the INT8 model was wrong), and which TensorRT has to evaluate at run time. The graph's
+    input size is fixed, so each one is replaced by a constant ``ZeroPad2d`` and the same
+    convolution with padding 0 (exact). Returns the number of convolutions replaced.
+    """
+    from timm.layers import Conv2dSame
+
+    shapes, hooks = {}, []
+
+    def record(name):
+        def hook(module, args):
+            shapes[name] = tuple(args[0].shape[-2:])
+        return hook
+
+    for name, m in graph.named_modules():
+        if isinstance(m, Conv2dSame):
+            hooks.append(m.register_forward_pre_hook(record(name)))
+    with torch.no_grad():
+        graph(torch.zeros(1, size, size, 3, dtype=torch.uint8))
+    for h in hooks:
+        h.remove()
+    for name, (ih, iw) in shapes.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = graph.get_submodule(parent_name) if parent_name else graph
+        conv = getattr(parent, attr)
+        pads = []
+        for size, k, s, d in zip((iw, ih), conv.kernel_size[::-1], conv.stride[::-1], conv.dilation[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                          conv.groups, conv.bias is not None)
+        plain.load_state_dict(conv.state_dict())
+        setattr(parent, attr, nn.Sequential(nn.ZeroPad2d(tuple(pads)), plain) if any(pads) else plain)
+    return len(shapes)
 
 
 class ExportGraph(nn.Module):

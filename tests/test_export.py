@@ -92,6 +92,42 @@ def test_graph_with_two_learners_has_an_output_each(tmp_path):
         np.testing.assert_allclose(slow, graph.models["slow"](x).numpy(), atol=1e-4)
 
 
+def test_static_same_padding_is_exact_and_leaves_no_shape_subgraph(tmp_path):
+    """tf_ EfficientNets pad "SAME" from the input shape at run time; the export resolves it for
+    its fixed size (a quantized Shape/Ceil/Pad subgraph broke the INT8 model)."""
+    import onnxruntime as ort
+    from timm.layers import Conv2dSame
+    from edgecl.export.graph import ExportGraph, export_onnx, onnx_op_counts, static_same_padding
+
+    class Net(torch.nn.Module):
+        feature_dim = 6
+
+        def __init__(self):
+            super().__init__()
+            self.a = Conv2dSame(3, 4, 3, stride=2)
+            self.b = Conv2dSame(4, 6, 5, stride=2, groups=2)
+            self.c = Conv2dSame(6, 6, 1)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x))).mean((2, 3))
+
+    torch.manual_seed(0)
+    for size in (31, 32):
+        graph = ExportGraph({"main": Net()}, (0.5,) * 3, (0.5,) * 3).eval()
+        frames = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
+        with torch.no_grad():
+            ref = graph(frames)[0]
+            assert static_same_padding(graph, size) == 3
+            got = graph(frames)[0]
+        assert not any(isinstance(m, Conv2dSame) for m in graph.modules())
+        assert (got - ref).abs().max().item() <= 1e-6
+        export_onnx(graph, tmp_path / f"m{size}.onnx", size)
+        ops = onnx_op_counts(tmp_path / f"m{size}.onnx")
+        assert not {"Shape", "Ceil", "Gather"} & set(ops), ops
+        sess = ort.InferenceSession(str(tmp_path / f"m{size}.onnx"), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(sess.run(None, {"input": frames.numpy()})[0], ref.numpy(), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- engine dir
 
 @pytest.mark.parametrize("method", ["ranpac", "simplecil", "safe"])
@@ -168,6 +204,10 @@ def test_int8_qdq_export_and_calibration_cache(work, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     q = onnx.load(str(out / manifest["models"]["int8"]["file"]))
     assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+    # the CPU model: uint8 weights and activations (U8S8 saturates on x86 CPUs without VNNI)
+    weights = [i for i in q.graph.initializer if i.name.endswith("_quantized") and len(i.dims) == 4]
+    assert weights and all(i.data_type == onnx.TensorProto.UINT8 for i in weights)
+    assert manifest["models"]["int8"]["weights"] == "uint8-per-channel"
     assert manifest["models"]["int8"]["calibration"]["images"] == 8
     key = json.loads((out / "calibration/ort-minmax.key.json").read_text())
     assert set(key) == {"model_sha256", "data_sha256", "method", "tool", "tool_version"}
