@@ -15,28 +15,36 @@ from pathlib import Path
 import numpy as np
 
 
-def latency_ms(path, batch: int, size: int, threads: int, reps: int = 20) -> float:
+def latencies_ms(paths: dict, batch: int, size: int, threads: int, rounds: int = 10, reps: int = 5) -> dict:
+    """Median latency per model; the models take turns (``rounds`` x ``reps`` runs each), so
+    a slow spell of a shared machine hits them alike."""
     from edgecl.export.parity import ort_session
 
-    sess = ort_session(path, threads)
+    sessions = {name: ort_session(path, threads) for name, path in paths.items()}
     x = np.random.RandomState(0).randint(0, 256, (batch, size, size, 3)).astype(np.uint8)
-    for _ in range(3):
-        sess.run(None, {"input": x})
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        sess.run(None, {"input": x})
-        times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times))
+    times = {name: [] for name in sessions}
+    for sess in sessions.values():
+        for _ in range(3):
+            sess.run(None, {"input": x})
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            for _ in range(reps):
+                t = time.perf_counter()
+                sess.run(None, {"input": x})
+                times[name].append(time.perf_counter() - t)
+    return {name: round(1000 * float(np.median(t)), 3) for name, t in times.items()}
 
 
 def bare_graph(bundle, path, size) -> None:
     """The bundle's backbone without PET, exported the same way."""
-    from edgecl.export.graph import ExportGraph, export_onnx
+    from edgecl.export.graph import ExportGraph, export_onnx, static_same_padding
+
     from edgecl.train import load_learner
 
     learner, m = load_learner(str(bundle))
-    export_onnx(ExportGraph({"main": learner.ptm}, m["input"]["mean"], m["input"]["std"]), path, size)
+    graph = ExportGraph({"main": learner.ptm}, m["input"]["mean"], m["input"]["std"])
+    static_same_padding(graph, size)
+    export_onnx(graph, path, size)
 
 
 def main():
@@ -68,9 +76,10 @@ def main():
     bare = out / "bare.onnx"
     bare_graph(a.bundle, bare, size)
     for b in [int(v) for v in a.batch.split(",")]:
-        res[f"latency_ms_b{b}"] = {"bare": latency_ms(bare, b, size, a.threads),
-                                   **{p: latency_ms(eng / manifest["models"][p]["file"], b, size, a.threads)
-                                      for p in manifest["models"]}}
+        lat = latencies_ms({"bare": bare, **{p: eng / manifest["models"][p]["file"] for p in manifest["models"]}},
+                           b, size, a.threads)
+        lat["folded_vs_bare"] = f"{100 * (lat['fp32'] / lat['bare'] - 1):+.1f}%"
+        res[f"latency_ms_b{b}"] = lat
     print(json.dumps(res, indent=1))
 
 

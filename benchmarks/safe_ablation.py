@@ -4,13 +4,17 @@
         --seeds 1993 1996 1997 --out runs/safe-ablation
 
 Rows (each A_last / A_avg, mean ± std over the seeds):
-  RanPAC                       edgecl train --method ranpac --profile quick
-  + slow learner (transfer)    SAFE's slow learner alone (its RanPAC head on the slow PET)
-  + fast learner               SAFE's fast learner alone
-  SAFE (aggregate)             the entropy-weighted aggregate (what `--method safe` predicts)
-  variants (--variant)         extra SAFE runs with config overrides, e.g.
-                               --variant "no cross-classification:safe.lambda_cc=0"
-The slow / fast / aggregate rows come from the same SAFE run (metrics.json has all three).
+  RanPAC                                edgecl train --method ranpac --profile quick
+  + slow learner (transfer loss)        SAFE's slow learner alone: RanPAC's first-session PET
+                                        trained with the transfer loss (its own RanPAC head)
+  + fast learner (CE only), aggregate   SAFE with safe.lambda_cc=0, safe.lambda_cos=0: a fast
+                                        learner trained with cross-entropy alone, aggregated
+  SAFE (entropy aggregate)              full SAFE: + cross-classification + feature alignment
+  SAFE: slow alone / fast alone         the two learners of the full SAFE run, each alone
+                                        (the aggregate should be at least the better of them)
+  variants (--variant)                  extra SAFE runs with config overrides, e.g.
+                                        --variant "no cross-classification:safe.lambda_cc=0"
+Slow-alone, fast-alone and aggregate come from the same run (metrics.json has all three).
 Prints the Markdown table and writes OUT/ablation.md and OUT/ablation.json.
 """
 
@@ -24,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quick_protocol import run_quick  # noqa: E402
+from quick_protocol import run_quick
 
 
 def _fmt(values) -> str:
@@ -32,11 +36,21 @@ def _fmt(values) -> str:
     return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
+def run_or_reuse(method, seed, data, out: Path, sets=()) -> dict:
+    """A finished run's bundle is reused (so an interrupted ablation resumes, and seeds can run
+    in separate processes with the same --out and be tabulated at the end)."""
+    if (out / "metrics.json").is_file():
+        m = json.loads((out / "metrics.json").read_text())
+        return m | {"wall_s": m.get("time_s")}
+    return run_quick(method, seed, data, out, sets)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--seeds", nargs="+", type=int, default=[1993, 1996, 1997])
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]")
+    ap.add_argument("--skip-ce-only", action="store_true", help="leave out the '+ fast learner (CE only)' runs")
     ap.add_argument("--out", default="runs/safe-ablation")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -45,21 +59,28 @@ def main(argv=None) -> int:
 
     def add(name, seed, m):
         rows.setdefault(name, {})[seed] = {k: m[k] for k in ("A_last", "A_avg")} | {"wall_s": m.get("wall_s")}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ablation.json").write_text(json.dumps(rows, indent=2))  # partial results survive an interruption
 
     for seed in args.seeds:
-        m = run_quick("ranpac", seed, args.data, out / f"ranpac-s{seed}")
+        m = run_or_reuse("ranpac", seed, args.data, out / f"ranpac-s{seed}")
         add("RanPAC", seed, m)
-        m = run_quick("safe", seed, args.data, out / f"safe-s{seed}")
-        add("+ slow learner (transfer loss), slow alone", seed, m["slow"])
-        add("+ fast learner, fast alone", seed, m["fast"])
-        add("SAFE (entropy aggregate)", seed, m | {"wall_s": m["wall_s"]})
+        m = run_or_reuse("safe", seed, args.data, out / f"safe-s{seed}")
+        add("+ slow learner (transfer loss), slow alone", seed, m["slow"] | {"wall_s": None})
+        if not args.skip_ce_only:
+            mc = run_or_reuse("safe", seed, args.data, out / f"safe-ce-only-s{seed}",
+                           ["safe.lambda_cc=0", "safe.lambda_cos=0"])
+            add("+ fast learner (CE only), aggregate", seed, mc)
+        add("SAFE (entropy aggregate)", seed, m)
+        add("SAFE: slow alone", seed, m["slow"] | {"wall_s": None})
+        add("SAFE: fast alone", seed, m["fast"] | {"wall_s": None})
         for spec in args.variant:
             name, sets = spec.split(":", 1)
-            mv = run_quick("safe", seed, args.data, out / f"safe-{name.replace(' ', '_')}-s{seed}", sets.split(","))
+            mv = run_or_reuse("safe", seed, args.data, out / f"safe-{name.replace(' ', '_')}-s{seed}", sets.split(","))
             add(f"SAFE, {name}", seed, mv)
         print(f"seed {seed} done", file=sys.stderr, flush=True)
 
-    lines = [f"| variant | A_last | A_avg | seeds | wall time per run (s) |", "|---|---|---|---|---|"]
+    lines = ["| variant | A_last | A_avg | seeds | wall time per run (s) |", "|---|---|---|---|---|"]
     for name, per_seed in rows.items():
         seeds = sorted(per_seed)
         wall = [per_seed[s]["wall_s"] for s in seeds if per_seed[s]["wall_s"] is not None]

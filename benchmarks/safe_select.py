@@ -12,6 +12,10 @@ Default candidates: the transfer-loss weights of the slow learner (Eq. 2-3), wit
 learner switched off (``safe.fast_epochs=0``), because the transfer loss only shapes the slow
 learner and the slow learner's RanPAC head alone is what it is judged by. Prints slow-alone,
 fast-alone and aggregate A_last / A_avg per candidate and writes OUT/select.md.
+
+``--gamma-sweep NAME:KEY=VALUE[,...]`` trains one full SAFE run that way (evaluated on the
+held-out images) and then recomputes its final aggregate for each ``--gammas`` value from the
+slow and fast logits (gamma only acts at inference, Eq. 8-9), writing OUT/gamma.md.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quick_protocol import run_quick  # noqa: E402
+from quick_protocol import run_quick
 
 DEFAULT_CANDIDATES = [
     "no transfer loss:safe.lambda_diag=0,safe.lambda_rdn=0,safe.fast_epochs=0",
@@ -51,17 +55,60 @@ def build_heldout(train_dir: Path, out: Path, per_class: int, skip: int) -> Path
     return out
 
 
+def gamma_sweep(bundle: Path, heldout: Path, gammas) -> list:
+    """Final held-out accuracy of the entropy aggregate for each gamma, from one bundle."""
+    import numpy as np
+    import torch
+
+    from edgecl.data import load_imagefolder
+    from edgecl.learners.base import with_labels
+    from edgecl.losses import entropy_aggregate
+    from edgecl.train import load_learner
+
+    learner, manifest = load_learner(str(bundle))
+    images = load_imagefolder(heldout, size=manifest["input"]["size"], progress=False)
+    known = {name: i for i, name in enumerate(manifest["classes"]["names"])}
+    labels = np.array([known.get(n, -1) for n in images.class_names])[images.labels]
+    rows = np.where(labels >= 0)[0]
+    logits = learner.predict(with_labels(images.subset(rows), labels[rows]))
+    y = labels[rows]
+    l_slow, l_fast = torch.from_numpy(logits["slow"]), torch.from_numpy(logits["fast"])
+    out = []
+    for g in gammas:
+        agg, w = entropy_aggregate(l_slow, l_fast, g)
+        out.append({"gamma": g, "A_last": 100.0 * float((agg.argmax(1).numpy() == y).mean()),
+                    "w_slow_mean": float(w[:, 0].mean()), "w_slow_std": float(w[:, 0].std())})
+    out.append({"gamma": "slow alone", "A_last": 100.0 * float((logits["slow"].argmax(1) == y).mean())})
+    out.append({"gamma": "fast alone", "A_last": 100.0 * float((logits["fast"].argmax(1) == y).mean())})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="tiny-imagenet-100 (its train/ folder is used)")
     ap.add_argument("--seed", type=int, default=1993)
     ap.add_argument("--val-per-class", type=int, default=50)
     ap.add_argument("--candidate", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]")
+    ap.add_argument("--gamma-sweep", metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="train this SAFE configuration on the held-out protocol and sweep gamma on it")
+    ap.add_argument("--gammas", nargs="+", type=float, default=[0, 1, 10, 30, 100, 300, 1000])
     ap.add_argument("--out", default="runs/safe-select")
     args = ap.parse_args(argv)
     out = Path(args.out)
     train_dir = Path(args.data) / "train"
     heldout = build_heldout(train_dir, out / "heldout", args.val_per_class, skip=100)
+    if args.gamma_sweep:
+        name, sets = args.gamma_sweep.split(":", 1)
+        bundle = out / f"gamma-{name.replace(' ', '_')}"
+        if not (bundle / "manifest.json").is_file():
+            run_quick("safe", args.seed, str(train_dir), bundle, sets.split(",") + [f"data.val_root={heldout}"])
+        sweep = gamma_sweep(bundle, heldout, args.gammas)
+        lines = [f"| gamma ({name}, held-out training images) | aggregate A_last | mean slow weight (std) |", "|---|---|---|"]
+        lines += [f"| {r['gamma']} | {r['A_last']:.2f} | " + (f"{r['w_slow_mean']:.3f} ({r['w_slow_std']:.3f})"
+                                                           if "w_slow_mean" in r else "-") + " |" for r in sweep]
+        print("\n".join(lines))
+        (out / "gamma.md").write_text("\n".join(lines) + "\n")
+        return 0
     rows = []
     for spec in args.candidate or DEFAULT_CANDIDATES:
         name, sets = spec.split(":", 1)

@@ -41,8 +41,9 @@ def evaluate_engine_dir(path, data, split: str = "val", per_class: Optional[int]
     frames = to_channel_order(np.asarray(images.images)[rows], manifest["input"]["channel_order"])
     feats = ort_features(ort_session(Path(path) / onnx_file, threads), frames)
     logits = {ln: heads[ln].logits(feats[ln]) for ln in heads}
-    gamma = (manifest.get("aggregation") or {}).get("gamma", 1.0)
-    main = aggregate(logits, gamma)
+    agg = manifest.get("aggregation") or {}
+    predict = agg.get("predict", "aggregate")
+    main = aggregate(logits, agg.get("gamma", 1.0)) if predict == "aggregate" or len(logits) == 1 else logits[predict]
     y = labels[rows]
     result = {"accuracy": round(100.0 * float((main.argmax(1) == y).mean()), 4), "n": int(len(rows)),
               "classes": int(len(set(y.tolist()))),

@@ -195,7 +195,9 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
             "learners": {ln: {"output": output_name(ln), "feature_dim": int(learner.feature_models()[ln].feature_dim)
                               if hasattr(learner.feature_models()[ln], "feature_dim") else None,
                               "head": kinds[ln]} for ln in learners},
-            "aggregation": {"kind": "entropy", "gamma": (bm.get("learner") or {}).get("gamma", 1.0)}
+            # SAFE: what the bundle predicts ("aggregate" of the learners, or one learner alone)
+            "aggregation": {"kind": "entropy", "gamma": (bm.get("learner") or {}).get("gamma", 1.0),
+                            "predict": (bm.get("learner") or {}).get("inference", "aggregate")}
             if len(learners) > 1 else None,
             "classes": {"file": "classes.json", "count": len(classes)},
             "precision": precision, "opset": OPSET, "batch_range": list(batch_range),
