@@ -7,7 +7,7 @@ Layout (``manifest.json`` binds everything by sha256)::
     model.int8.qdq.onnx    (int8) ONNX Runtime static-quantized QDQ graph
     heads.safetensors      per learner "<learner>.<tensor>": ranpac.W / ranpac.W_rand or
                            prototypes.sums / prototypes.counts
-    stats.safetensors      per learner "<learner>.<tensor>": ranpac.G / ranpac.Q (enrollment)
+    stats.safetensors      per learner "<learner>.<tensor>": ranpac.G / ranpac.Q / ranpac.counts (enrollment)
     classes.json           class names in logit order
     parity.json            ONNX Runtime vs PyTorch report of the export
     calibration/           INT8 calibration caches with their keys
@@ -60,7 +60,7 @@ def verify(path, manifest: dict, names=None) -> None:
                               f"mismatched or were edited); re-run edgecl export")
 
 
-def model_file(manifest: dict, precision: str = None) -> str:
+def model_file(manifest: dict, precision: str | None = None) -> str:
     precision = precision or manifest.get("precision", "fp32")
     models = manifest.get("models", {})
     if precision not in models:

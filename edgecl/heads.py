@@ -93,6 +93,7 @@ class RanPACHead:
         self.Q = torch.zeros(width, 0, dtype=torch.float64)
         self.G_hold = torch.zeros_like(self.G)
         self.Q_hold = torch.zeros_like(self.Q)
+        self.counts = torch.zeros(0, dtype=torch.float64)  # samples per class (the device's enrollment balances by them)
         self.lam: Optional[float] = None
         self.W: Optional[torch.Tensor] = None
 
@@ -112,11 +113,13 @@ class RanPACHead:
             pad = num_classes - self.num_classes
             self.Q = torch.cat([self.Q, self.Q.new_zeros(self.Q.shape[0], pad)], dim=1)
             self.Q_hold = torch.cat([self.Q_hold, self.Q_hold.new_zeros(self.Q.shape[0], pad)], dim=1)
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(pad)])
 
     def add(self, features: torch.Tensor, labels: torch.Tensor, holdout: Optional[torch.Tensor] = None,
             chunk: int = 2048) -> None:
         """Accumulate G and Q (and their held-out parts where ``holdout`` is True)."""
         self._grow(int(labels.max()) + 1)
+        self.counts += torch.bincount(labels.cpu(), minlength=self.num_classes).double()
         if holdout is None:
             holdout = torch.zeros(len(labels), dtype=torch.bool)
         for start in range(0, len(labels), chunk):
@@ -179,7 +182,8 @@ class RanPACHead:
         return self.project(features) @ self.W.to(features.device)
 
     def state(self) -> dict:
-        out = {"G": self.G, "Q": self.Q, "W": self.W, "lambda": torch.tensor(self.lam, dtype=torch.float64)}
+        out = {"G": self.G, "Q": self.Q, "counts": self.counts, "W": self.W,
+               "lambda": torch.tensor(self.lam, dtype=torch.float64)}
         if self.W_rand is not None:
             out["W_rand"] = self.W_rand
         return out
@@ -187,6 +191,7 @@ class RanPACHead:
     def load_state(self, state: dict) -> None:
         self.G, self.Q, self.W = state["G"].double(), state["Q"].double(), state["W"].float()
         self.lam = float(state["lambda"])
+        self.counts = state["counts"].double() if "counts" in state else torch.zeros(self.Q.shape[1], dtype=torch.float64)
         if "W_rand" in state:
             self.W_rand = state["W_rand"].float()
         self.G_hold = torch.zeros_like(self.G)

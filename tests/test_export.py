@@ -160,6 +160,10 @@ def test_engine_dir_eval_matches_bundle_and_parity(work, method):
     ref = json.loads(invoke(["eval", str(bundle), "--data", str(data), "--json"]).output)
     assert got["n"] == ref["n"] == 16 and got["runtime"] == "onnxruntime-cpu"
     assert abs(got["accuracy"] - ref["accuracy"]) <= 0.1
+    if method == "safe":  # each learner alone too, and what the bundle predicts is recorded
+        assert manifest["aggregation"] == {"kind": "entropy", "gamma": 1.0, "predict": "aggregate"}
+        for n in names:
+            assert abs(got[f"accuracy_{n}"] - ref[f"accuracy_{n}"]) <= 0.1
 
 
 def test_engine_dir_loads_without_torch(work):

@@ -22,6 +22,7 @@ def test_ranpac_statistics_match_definition():
     Y = torch.nn.functional.one_hot(y).double()
     assert torch.allclose(head.G, h.T @ h)
     assert torch.allclose(head.Q, h.T @ Y)
+    assert head.counts.tolist() == torch.bincount(y).double().tolist()  # samples per class, for the device
     head.solve(lam=1.0)
     W = torch.linalg.solve(h.T @ h + torch.eye(32, dtype=torch.float64), h.T @ Y)
     assert torch.allclose(head.W.double(), W, atol=1e-4)

@@ -75,7 +75,7 @@ class RanPAC(Learner):
 
     def state(self):
         out = {"heads": {f"ranpac.{k}": v for k, v in self.head.state().items() if k in ("W", "W_rand", "lambda")},
-               "stats": {f"ranpac.{k}": v for k, v in self.head.state().items() if k in ("G", "Q")}}
+               "stats": {f"ranpac.{k}": v for k, v in self.head.state().items() if k in ("G", "Q", "counts")}}
         if self.uses_pet:
             out["pet"] = petlib.pet_state_dict(self.model.model)
         return out

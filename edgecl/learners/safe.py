@@ -155,7 +155,7 @@ class SAFE(Learner):
             hs = head.state()
             out["heads"].update({f"{name}.ranpac.{k}": hs[k] for k in ("W", "W_rand", "lambda") if k in hs})
             out["heads"].update({f"{name}_cls.{k}": v for k, v in cls.state_dict().items()})
-            out["stats"].update({f"{name}.ranpac.{k}": hs[k] for k in ("G", "Q")})
+            out["stats"].update({f"{name}.ranpac.{k}": hs[k] for k in ("G", "Q", "counts")})
         return out
 
     def meta(self):
