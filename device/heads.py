@@ -60,15 +60,23 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def aggregate(logits: dict, gamma: float = 1.0) -> np.ndarray:
+def entropy_weights(logits: dict, gamma: float = 1.0) -> np.ndarray:
+    """SAFE's aggregation weights (Sec. 4.3): softmax(-gamma * [H_1, H_2, ...]) per row, H the
+    entropy of softmax(logits); [N, learners]."""
+    ent = []
+    for lg in logits.values():
+        p = softmax(np.asarray(lg, np.float64), 1)
+        ent.append(-(p * np.log(np.clip(p, 1e-12, None))).sum(1))
+    return softmax(-gamma * np.stack(ent, 1), 1)
+
+
+def aggregate(logits: dict, gamma: float = 1.0, return_weights: bool = False):
     """Entropy-weighted aggregation (SAFE): w = softmax(-gamma * H_i), logits = sum w_i l_i.
-    A single learner's logits are returned unchanged."""
+    A single learner's logits are returned unchanged (weights None)."""
     names = list(logits)
     if len(names) == 1:
-        return logits[names[0]]
-    ent = []
-    for n in names:
-        p = softmax(logits[n].astype(np.float64), 1)
-        ent.append(-(p * np.log(np.clip(p, 1e-12, None))).sum(1))
-    w = softmax(-gamma * np.stack(ent, 1), 1)
-    return sum(w[:, i:i + 1] * logits[n] for i, n in enumerate(names)).astype(np.float32)
+        out, w = logits[names[0]], None
+    else:
+        w = entropy_weights(logits, gamma)
+        out = sum(w[:, i:i + 1] * logits[n] for i, n in enumerate(names)).astype(np.float32)
+    return (out, w) if return_weights else out

@@ -27,10 +27,6 @@ class Group(click.Group):
             raise UserError(str(exc)) from None
 
 
-def _not_built(command: str, issue: str) -> None:
-    raise EdgeclError(f"'edgecl {command}' is not built yet ({issue}); today edgecl trains and evaluates bundles")
-
-
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgecl")
 def cli():
@@ -97,16 +93,20 @@ def train(data, val_data, dataset, method, profile, backbone, weights, pretraine
 @click.option("--data", required=True, help="ImageFolder root (its SPLIT sub-folder is used when present).")
 @click.option("--split", default="val", show_default=True)
 @click.option("--per-class", type=int, help="First N images per class (default: as the bundle was evaluated).")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]),
+              help="Engine directory only: which ONNX model to run (default: the one the export was made for).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(path, data, split, per_class, as_json):
+def eval_(path, data, split, per_class, precision, as_json):
     """Top-1 accuracy of a bundle (or engine directory) on an ImageFolder."""
     from .device.engine_dir import is_engine_dir
 
     if is_engine_dir(path):  # an engine directory: ONNX Runtime + numpy heads, as on the device
         from .export.evaluate import evaluate_engine_dir
 
-        result = evaluate_engine_dir(path, data, split, per_class, progress=not as_json)
+        result = evaluate_engine_dir(path, data, split, per_class, precision=precision, progress=not as_json)
     else:
+        if precision:
+            raise EdgeclError(f"--precision applies to engine directories; {path} is a bundle")
         from .train import evaluate
 
         result = evaluate(path, data, split, per_class, progress=not as_json)
@@ -137,34 +137,169 @@ def export(bundle, out, precision, calib_data, calib_count, calib_method, batch_
                   log=click.echo)
 
 
-@cli.command()
-@click.argument("engine_dir", type=click.Path())
-@click.option("--name", required=True)
-@click.option("--images")
-@click.option("--source")
-@click.option("--frames", type=int)
-def enroll(engine_dir, name, images, source, frames):
-    """Enroll a new class on the device from images or camera frames."""
-    _not_built("enroll", "issue #6, device runtime")
+_BACKEND = click.option("--backend", default="auto", show_default=True,
+                        help="auto (TensorRT plan if usable, else ONNX Runtime TensorRT->CUDA->CPU), trt, ort, "
+                             "ort-trt, ort-cuda or ort-cpu.")
+_STORE = click.option("--store", type=click.Path(file_okay=False),
+                      help="The class-statistics store (default ENGINE_DIR/store).")
 
 
 @cli.command()
 @click.argument("engine_dir", type=click.Path())
-@click.option("--source", required=True)
-@click.option("--headless", is_flag=True)
-@click.option("--jsonl")
-@click.option("--max-frames", type=int)
-def run(engine_dir, source, headless, jsonl, max_frames):
+@click.option("--name", help="Label of the class to enroll (new, or more frames for an enrolled class).")
+@click.option("--images", type=click.Path(), help="A folder of images of the class.")
+@click.option("--source", help="A camera/stream/video/folder to take frames from (with --frames).")
+@click.option("--frames", type=int, help="How many frames to take from --source.")
+@click.option("--rename", "renames", multiple=True, metavar="OLD=NEW", help="Rename a class.")
+@click.option("--remove", "removes", multiple=True, metavar="LABEL", help="Remove a class.")
+@click.option("--list", "list_classes", is_flag=True, help="Print the classes and exit.")
+@click.option("--views", default="id,flip,crop,cropflip", show_default=True,
+              help="Augmented views per frame (their features are averaged into one row): id, flip, crop, cropflip.")
+@click.option("--weighting", type=click.Choice(["default", "aligned", "plain"]),
+              help="Class weighting of a new store (docs/DEVICE.md); an existing store keeps its own.")
+@_BACKEND
+@_STORE
+def enroll(engine_dir, name, images, source, frames, renames, removes, list_classes, views, weighting, backend, store):
+    """Enroll a new class on the device from images or camera frames (and rename/remove classes).
+
+    The heads are updated in closed form (rank-k update of G and Q, each class's target column
+    normalised by its count) and the store commits a new generation all-or-nothing."""
+    from .device.runtime import Runtime
+
+    if not (name or renames or removes or list_classes):
+        raise EdgeclError("nothing to do: pass --name LABEL with --images DIR or --source SRC --frames N, "
+                          "or --rename OLD=NEW / --remove LABEL / --list")
+    if name and bool(images) == bool(source):
+        raise EdgeclError("--name needs exactly one of --images DIR or --source SRC --frames N")
+    if source and (frames is None or frames < 1):
+        raise EdgeclError("--source needs --frames N (N >= 1): how many frames to enroll")
+    if (images or source) and not name:
+        raise EdgeclError("--images/--source need --name LABEL")
+    from pathlib import Path
+
+    if images and not Path(images).is_dir():
+        raise EdgeclError(f"--images {images}: not a folder of images")
+    from .device.enroll import POLICIES
+
+    rt = Runtime(engine_dir, backend, store=store, policy=POLICIES[weighting] if weighting else None, log=click.echo)
+    if list_classes:
+        for i, c in enumerate(rt.classes):
+            click.echo(f"{i}\t{c}")
+        return
+    for spec in renames:
+        old, sep, new = spec.partition("=")
+        if not sep or not old or not new:
+            raise EdgeclError(f"--rename {spec!r}: expected OLD=NEW")
+        rt.heads.rename(old, new)
+    for label in removes:
+        rt.heads.remove(label)
+    if name:
+        from .device.enroll import usable_frames
+        from .device.sources import open_source
+
+        what = images or source
+        if images:
+            src = open_source(images, log=click.echo)
+            raw = list(src)
+        else:
+            with open_source(source, log=click.echo) as src:
+                raw = []
+                for f in src:
+                    raw.append(f)
+                    if len(raw) >= frames:
+                        break
+        fitted = [rt.fit(f) for f in raw]
+        usable = usable_frames(fitted, what)
+        info = rt.enroll_frames(name, usable, views=tuple(v.strip() for v in views.split(",") if v.strip()))
+        click.echo(f"enrolled {name!r}: {info['frames']} frames ({info['rows']} rows), features "
+                   f"{info['features_ms']:.0f} ms, head update {info['update_ms']:.1f} ms")
+    gen = rt.heads.commit()
+    click.echo(f"committed generation {gen} of {rt.heads.store.path} ({len(rt.classes)} classes)")
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path())
+@click.option("--source", required=True, help="/dev/videoN, N, csi://N, rtsp://..., a video file or an image folder.")
+@click.option("--headless", is_flag=True, help="No window.")
+@click.option("--jsonl", type=click.Path(dir_okay=False), help="Write one JSON line per frame.")
+@click.option("--max-frames", type=int, help="Stop after N frames.")
+@click.option("--top-k", type=int, default=3, show_default=True)
+@click.option("--unknown-below", type=float, help="Label the frame 'unknown' when the top score is below this.")
+@click.option("--enroll-frames", type=int, default=20, show_default=True, help="Frames the 'e' key enrolls.")
+@click.option("--enroll-name", help="Label for the class the 'e' key enrolls (default class-N).")
+@_BACKEND
+@_STORE
+def run(engine_dir, source, headless, jsonl, max_frames, top_k, unknown_below, enroll_frames, enroll_name, backend,
+        store):
     """The camera loop: capture, infer, aggregate, overlay."""
-    _not_built("run", "issue #6, device runtime")
+    from .device.loop import run_loop
+    from .device.runtime import Runtime
+    from .device.sources import open_source
+
+    if max_frames is not None and max_frames < 1:
+        raise EdgeclError("--max-frames must be >= 1")
+    src = open_source(source, log=click.echo)  # a bad --source fails before the engine loads
+    rt = Runtime(engine_dir, backend, store=store, log=click.echo)
+    with src:
+        summary = run_loop(rt, src, headless=headless, jsonl=jsonl, max_frames=max_frames, k=top_k,
+                           unknown_below=unknown_below, enroll_frames=enroll_frames, enroll_name=enroll_name,
+                           log=click.echo)
+    click.echo(json.dumps(summary))
 
 
 @cli.command()
 @click.argument("engine_dir", type=click.Path())
-@click.option("--json", "as_json", is_flag=True)
-def bench(engine_dir, as_json):
-    """Engine latency, host overhead, FPS, enrollment time."""
-    _not_built("bench", "issue #6, device runtime")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--frames", type=int, default=200, show_default=True, help="Timed frames.")
+@click.option("--frame-size", default="640x480", show_default=True, metavar="WxH", help="Camera frame size to resize from.")
+@click.option("--enroll-classes", type=int, default=5, show_default=True)
+@click.option("--enroll-frames", type=int, default=20, show_default=True)
+@_BACKEND
+def bench(engine_dir, as_json, frames, frame_size, enroll_classes, enroll_frames, backend):
+    """Engine latency, host overhead, FPS, enrollment time, store size."""
+    from .device.bench import run_bench
+
+    try:
+        w, h = (int(v) for v in frame_size.lower().split("x"))
+    except ValueError:
+        raise EdgeclError(f"--frame-size {frame_size!r}: expected WxH, e.g. 640x480") from None
+    result = run_bench(engine_dir, backend, frames=frames, frame_size=(h, w), enroll_classes=enroll_classes,
+                       enroll_frames=enroll_frames, log=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for k, v in result.items():
+            click.echo(f"{k}: {v}")
+
+
+@cli.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The merged store (may be one of STORES).")
+@click.option("--engine-dir", type=click.Path(), help="Solve the merged heads now (else at first use).")
+def merge(stores, out, engine_dir):
+    """Sum the class statistics of several devices' stores (same engine) exactly."""
+    from .device.store import ClassStore, merge_states, store_record
+
+    states = []
+    for path in stores:
+        record = store_record(path)
+        state = ClassStore(path, record["engine"], log=click.echo).load()
+        if state is None:
+            raise EdgeclError(f"{path} holds no readable store generation")
+        states.append(state)
+    merged = merge_states(states, list(stores))
+    target = ClassStore(out, merged.engine, log=click.echo)
+    gen = target.commit(merged)
+    click.echo(f"merged {len(stores)} stores into {out} generation {gen}: {len(merged.classes)} classes, "
+               f"{len(merged.row_uid)} enrolled rows")
+    if engine_dir:
+        from .device.engine_dir import read_manifest, verify
+        from .device.enroll import ClassHeads
+
+        manifest = read_manifest(engine_dir)
+        verify(engine_dir, manifest)
+        heads = ClassHeads(engine_dir, manifest, out, log=click.echo)
+        click.echo(f"solved the heads: generation {heads.commit()}")
 
 
 @cli.command()

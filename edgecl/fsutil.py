@@ -79,3 +79,62 @@ def read_manifest_json(path, fmt: str, version: int, what: str, fix: str) -> dic
         raise EdgeclError(f"{what} {path} has format version {manifest.get('format_version')}; this edgecl reads "
                           f"version {version}: {fix} with this edgecl")
     return manifest
+
+
+def write_bytes_durable(path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` all-or-nothing: write a temporary file beside it, fsync it,
+    rename it over ``path`` and fsync the directory (a crash leaves the old file or the new one)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_path(path.parent)
+
+
+def remove_stale_tmp(folder) -> None:
+    """Delete ``.*.tmp-<pid>`` files left by processes that are gone (killed mid-write)."""
+    for f in Path(folder).glob(".*.tmp-*"):
+        pid = f.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            try:
+                f.unlink()
+            except OSError:
+                pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FileLock:
+    """An exclusive advisory lock on ``path`` (fcntl.flock) for one writer at a time."""
+
+    def __init__(self, path):
+        self.path, self.fd = Path(path), None
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None

@@ -1,0 +1,230 @@
+"""Must-show 3: enrolling classes the engine never saw, closed-form update vs imprinting.
+
+    python benchmarks/enroll_bench.py --engine /tmp/dev/eng90 --data ../shared/data/tiny-imagenet-100
+
+The engine directory comes from a bundle trained on the first 90 classes of the seeded order
+(``edgecl train ... --set data.num_classes=90``); the 10 classes it never saw are enrolled one
+after the other from the first ``--shots`` (20) train images of each (sorted by name, as the
+quick profile sorts), with the device's own image path (OpenCV decode, fit_frame, ONNX Runtime).
+
+Two evaluation sets, never used for training or enrollment:
+* ``select``: train images 300-349 of every class (the quick bundle trained on images 0-99):
+  the weighting is chosen on it: the best harmonic mean of old- and new-class accuracy, and
+  among the weightings within ``TIE`` points of it (a tie at this sample size) the one that
+  costs the old classes least;
+* ``val``: the val/ folder (50 per class): the reported figures.
+
+Rows: the closed-form rank-k update under several weightings (edgecl.device.enroll: alpha
+weights a new class's rows in G, beta its Q column, by (n_ref / n_c)), and prototype imprinting
+(class-mean columns, norm-matched). ``ms/class`` = projection + update of the heads per class
+(median over the 10 classes; feature extraction, which includes the projection
+h = ReLU(W_rand^T f) when it runs in the engine, excluded). Views are averaged in h.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TIE = 0.5
+
+
+def list_images(folder: Path) -> list:
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in {".jpeg", ".jpg", ".png"})
+
+
+def load_frames(files: list, size: int) -> np.ndarray:
+    import cv2
+    from edgecl.device.runtime import fit_frame
+
+    return np.stack([fit_frame(cv2.imread(str(f), cv2.IMREAD_COLOR), size) for f in files])
+
+
+def features(rt, frames: np.ndarray) -> np.ndarray:
+    return rt.features(frames, batch=64)["main"]
+
+
+def cached(cache: Path, key: str, fn):
+    f = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+    if f.is_file():
+        return np.load(f)
+    arr = fn()
+    np.save(f, arr)
+    return arr
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray, new_mask: np.ndarray) -> dict:
+    hit = scores.argmax(1) == labels
+    old, new = 100 * hit[~new_mask].mean(), 100 * hit[new_mask].mean()
+    return {"old": round(float(old), 2), "new": round(float(new), 2), "all": round(float(100 * hit.mean()), 2),
+            "hmean": round(float(2 * old * new / max(old + new, 1e-9)), 2)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engine", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--shots", type=int, default=20)
+    ap.add_argument("--cache", default="/tmp/edgecl-enroll-bench")
+    ap.add_argument("--out", help="Write the results as JSON here.")
+    args = ap.parse_args(argv)
+
+    from edgecl.device.engine_dir import read_manifest
+    from edgecl.device.enroll import ClassHeads, augment_views, imprint_columns
+    from edgecl.device.ranpac import project
+    from edgecl.device.runtime import Runtime
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    root = Path(args.data)
+    manifest = read_manifest(args.engine)
+    sha = manifest["files"]["model.fp32.onnx"]
+    store_tmp = Path(tempfile.mkdtemp(prefix="enroll-bench-"))
+    rt = Runtime(args.engine, "ort-cpu", store=store_tmp / "probe", log=lambda m: None)
+    size, old_names = rt.size, list(rt.classes)
+    all_names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    new_names = [n for n in all_names if n not in old_names]
+    order = old_names + new_names
+    print(f"engine: {len(old_names)} classes; enrolling {len(new_names)} unseen: {', '.join(new_names)}")
+
+    def split(name, pick):
+        files, labels = [], []
+        for i, c in enumerate(order):
+            fs = pick(c)
+            files += fs
+            labels += [i] * len(fs)
+        key = f"{sha}:{name}:{len(files)}:{files[0]}:{files[-1]}"
+        F = cached(cache, key, lambda: features(rt, load_frames(files, size)))
+        return F, np.asarray(labels)
+
+    t0 = time.perf_counter()
+    evals = {"select": split("select", lambda c: list_images(root / "train" / c)[300:350]),
+             "val": split("val", lambda c: list_images(root / "val" / c))}
+    views_all = ("id", "flip", "crop", "cropflip")
+    enroll_feats = {}
+    for c in new_names:
+        files = list_images(root / "train" / c)[:args.shots]
+        key = f"{sha}:enroll4:{c}:{args.shots}"
+        enroll_feats[c] = cached(cache, key, lambda files=files: features(rt, augment_views(load_frames(files, size),
+                                                                                               views_all)))
+    print(f"features ready ({time.perf_counter() - t0:.0f} s)")
+    n = args.shots
+
+    W_rand = rt.heads.W_rand["main"]
+    enroll_h = {c: project(F, W_rand) for c, F in enroll_feats.items()}  # the heads' inputs, per view
+
+    def view_rows(H, views, average=False):
+        """The rows of one class: its views' h, each a row or averaged per image."""
+        parts = [H[views_all.index(v) * n:(views_all.index(v) + 1) * n] for v in views]
+        return np.mean(parts, 0) if average else np.concatenate(parts)
+
+    results = []
+
+    def closed_form(label, policy, views, average=False):
+        store = store_tmp / label.replace(" ", "_").replace("/", "-")
+        heads = ClassHeads(args.engine, manifest, store, policy=policy, log=lambda m: None)
+        heads.ridge("main")
+        ms = []
+        for c in new_names:
+            info = heads.enroll(c, {"main": view_rows(enroll_h[c], views, average)})
+            ms.append(info["update_ms"])
+        ridge = heads.ridge("main")
+        W = ridge.W.copy()
+        drift = float(np.abs(W - ridge.solve_fresh()).max() / np.abs(W).max())
+        row = {"method": label, "policy": policy, "views": list(views), "averaged": average,
+               "rows_per_class": n if average else n * len(views), "drift": drift,
+               "ms_per_class": round(float(np.median(ms)), 1), "ms_per_class_max": round(float(np.max(ms)), 1)}
+        for name, (F, y) in evals.items():
+            row[name] = accuracy(heads.logits({"main": F})["main"], y, y >= len(old_names))
+        results.append(row)
+        print(json.dumps(row))
+        shutil.rmtree(store, ignore_errors=True)
+
+    def imprinting(label, views, average=False, center=False, tune=False):
+        """Class-mean columns (normalised, Coral-style) added beside the engine's ridge columns;
+        ``center``: means taken after removing the mean h of the engine's data; ``tune``: the
+        column scale picked on the select split (imprinting's best case), else the mean norm
+        of the existing columns."""
+        W = np.asarray(rt.heads.tensors["main"]["ranpac.W"], np.float32)
+        _, Q, _, counts = rt.heads.base_statistics("main")
+        mu = (Q.sum(1) / counts.sum()).astype(np.float32) if center else np.zeros(Q.shape[0], np.float32)
+        t = time.perf_counter()
+        W2 = imprint_columns(W, [view_rows(enroll_h[c], views, average) - mu for c in new_names])
+        ms = 1000 * (time.perf_counter() - t) / len(new_names)
+        Hs = {name: project(F, W_rand) for name, (F, _) in evals.items()}
+        k = len(old_names)
+
+        def scores(name, mult):
+            base = Hs[name] @ W2[:, :k]
+            new = (Hs[name] - mu) @ W2[:, k:] * mult
+            return np.concatenate([base, new], 1)
+
+        mult = 1.0
+        if tune:
+            grid = 2.0 ** np.arange(-12, 4.01, 0.5)
+            y = evals["select"][1]
+            mult = float(max(grid, key=lambda m: accuracy(scores("select", m), y, y >= k)["hmean"]))
+        row = {"method": label, "views": list(views), "averaged": average, "ms_per_class": round(ms, 1),
+               "scale": mult}
+        for name, (F, y) in evals.items():
+            row[name] = accuracy(scores(name, mult), y, y >= k)
+        results.append(row)
+        print(json.dumps(row))
+
+    # the engine before enrollment
+    row = {"method": "engine before enrollment", "views": [], "averaged": False, "ms_per_class": 0}
+    for name, (F, y) in evals.items():
+        row[name] = accuracy(rt.heads.logits({"main": F})["main"], y, y >= len(old_names))
+    results.append(row)
+    print(json.dumps(row))
+    v2 = ("id", "flip")
+    imprinting("imprinting, norm-matched (Coral)", v2, True)
+    imprinting("imprinting, scale tuned on select", v2, True, tune=True)
+    imprinting("imprinting, centred, scale tuned on select", v2, True, center=True, tune=True)
+    for alpha in (0.0, 0.5, 1.0):
+        for beta in (0.0, 0.5, 1.0, 1.25, 1.5, 2.0):
+            closed_form(f"closed form a={alpha:g} b={beta:g}", {"alpha": alpha, "beta": beta}, v2, average=True)
+    grid = [r for r in results if "policy" in r]
+    top = max(r["select"]["hmean"] for r in grid)  # within TIE points of it: tied (500 new-class images)
+    best = max((r for r in grid if r["select"]["hmean"] >= top - TIE), key=lambda r: r["select"]["old"])
+    pol = best["policy"]
+    label = f"closed form a={pol['alpha']:g} b={pol['beta']:g}"
+    closed_form(label, pol, ("id",))
+    closed_form(label, pol, v2)
+    closed_form(label, pol, views_all, average=True)
+    closed_form(label, pol, views_all)
+    shutil.rmtree(store_tmp, ignore_errors=True)
+    same = [r for r in results if r.get("policy") == pol]  # the views, by the same rule
+    top = max(r["select"]["hmean"] for r in same)
+    best_views = max((r for r in same if r["select"]["hmean"] >= top - TIE), key=lambda r: r["select"]["old"])
+
+    print("\n| method | views (rows/class) | select new / old | **val new** | **val old** | val all | ms/class |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        views = "+".join(r["views"]) + (" averaged" if r["averaged"] else "")
+        mark = " (chosen weighting)" if r is best else ""
+        mark += " (chosen views)" if r is best_views else ""
+        print(f"| {r['method']}{mark} | {views} ({r.get('rows_per_class', args.shots)}) | "
+              f"{r['select']['new']:.1f} / {r['select']['old']:.1f} | {r['val']['new']:.1f} | {r['val']['old']:.1f} | "
+              f"{r['val']['all']:.1f} | {r['ms_per_class']} |")
+    print(f"\nchosen on the select split (harmonic mean of new and old accuracy; within {TIE} points of the best: "
+          f"the smallest cost to the old classes): {best['method']} {best['views']}"
+          f"{' averaged' if best['averaged'] else ''}; threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    print(f"chosen views (same rule): {'+'.join(best_views['views'])}{' averaged' if best_views['averaged'] else ''}")
+    out = {"engine": args.engine, "new_classes": new_names, "shots": args.shots, "results": results,
+           "chosen": best, "chosen_views": best_views}
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
