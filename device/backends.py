@@ -107,7 +107,7 @@ class OrtBackend(Backend):
         return {ln: r for ln, r in zip(self.outputs, res)}
 
 
-class _Cuda:
+class CudaMemory:
     """Device memory and a stream via cuda-python (``cuda.cudart``), else pycuda."""
 
     def __init__(self):
@@ -120,8 +120,8 @@ class _Cuda:
                 import pycuda.autoinit  # noqa: F401
                 import pycuda.driver as cuda
             except ImportError:
-                raise EdgeclError("the TensorRT backend needs cuda-python or pycuda (pip install cuda-python), "
-                                  "or choose --backend ort") from None
+                raise EdgeclError("TensorRT needs cuda-python or pycuda to move data to the GPU (pip install "
+                                  "cuda-python); on the device, --backend ort runs without them") from None
             self.cudart, self.pycuda = None, cuda
             self._stream = cuda.Stream()
             self.stream = self._stream.handle
@@ -172,7 +172,7 @@ class TensorRTBackend(Backend):
             raise EdgeclError(f"TensorRT {trt.__version__} cannot deserialize {plan_path} (built by another TensorRT "
                               f"version or for another GPU?); rebuild it on this board or use --backend ort")
         self.context = self.engine.create_execution_context()
-        self.cuda = (cuda_factory or _Cuda)()
+        self.cuda = (cuda_factory or CudaMemory)()
         self.outputs = {ln: info["output"] for ln, info in learners.items()}
         if not self.v10:
             self.binding = {self.engine.get_binding_name(i): i for i in range(self.engine.num_bindings)}

@@ -94,34 +94,21 @@ def trtexec_command(onnx_file: str, engine_file: str, precision: str, batch_rang
 
 
 class _DeviceBuffer:
-    """A device allocation for calibration batches (cuda-python, else pycuda)."""
+    """A device allocation for calibration batches, through the device runtime's CUDA helper
+    (cuda-python, else pycuda)."""
 
     def __init__(self, nbytes: int):
+        from edgecl.device.backends import CudaMemory
+
         self.nbytes = nbytes
-        try:
-            from cuda import cudart
-            err, self.ptr = cudart.cudaMalloc(nbytes)
-            self._cudart, self._pycuda = cudart, None
-        except ImportError:
-            try:
-                import pycuda.autoinit  # noqa: F401
-                import pycuda.driver as cuda
-            except ImportError:
-                raise EdgeclError("TensorRT 8.x INT8 calibration needs cuda-python or pycuda to copy batches to "
-                                  "the GPU (pip install cuda-python)") from None
-            self._pycuda, self._cudart = cuda, None
-            self._mem = cuda.mem_alloc(nbytes)
-            self.ptr = int(self._mem)
+        self.cuda = CudaMemory()
+        self.ptr = self.cuda.malloc(nbytes)
 
     def upload(self, array) -> int:
         import numpy as np
 
-        array = np.ascontiguousarray(array)
-        if self._cudart is not None:
-            self._cudart.cudaMemcpy(self.ptr, array.ctypes.data, array.nbytes,
-                                    self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)
-        else:
-            self._pycuda.memcpy_htod(self._mem, array)
+        self.cuda.htod(self.ptr, np.ascontiguousarray(array))
+        self.cuda.sync()
         return int(self.ptr)
 
 

@@ -613,7 +613,7 @@ def test_tensorrt_backend_with_fake_module(engines, tmp_path, monkeypatch, versi
     manifest["files"][plan] = sha256_file(eng / plan)
     (eng / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(backends, "_Cuda", FakeCuda)
+    monkeypatch.setattr(backends, "CudaMemory", FakeCuda)
     logs = []
     b = backends.open_backend(eng, manifest, "auto", log=logs.append)
     assert isinstance(b, backends.TensorRTBackend) and f"tensorrt {version} ({plan})" in logs[0]
