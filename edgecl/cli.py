@@ -124,16 +124,19 @@ def eval_(path, data, split, per_class, precision, as_json):
 @click.option("--calib-data", type=click.Path(), help="ImageFolder for INT8 calibration (default: the bundle's training data).")
 @click.option("--calib-count", type=int, default=256, show_default=True, help="Calibration images (round-robin over classes).")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--int8-weights", type=click.Choice(["s8-7bit", "u8"]), default="s8-7bit", show_default=True,
+              help="CPU INT8 model's weights: int8 in 7 bits (fast ONNX Runtime kernels, no saturation on x86 "
+                   "without VNNI) or uint8 (closest to fp32, no fast x86 kernel). TensorRT's QDQ model is int8.")
 @click.option("--batch-range", default="1,8,32", show_default=True, metavar="MIN,OPT,MAX",
               help="TensorRT optimisation profile for the batch axis.")
 @click.option("--workspace-mb", type=int, default=1024, show_default=True, help="TensorRT builder workspace.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs the tensorrt module and a GPU).")
-def export(bundle, out, precision, calib_data, calib_count, calib_method, batch_range, workspace_mb, trt):
+def export(bundle, out, precision, calib_data, calib_count, calib_method, int8_weights, batch_range, workspace_mb, trt):
     """Fold PET into the backbone and export ONNX / TensorRT engines to an engine directory."""
     from .export.exporter import export_bundle
 
     export_bundle(bundle, out, precision=precision, calib_data=calib_data, calib_count=calib_count,
-                  calib_method=calib_method, trt=trt, batch_range=batch_range, workspace_mb=workspace_mb,
+                  calib_method=calib_method, int8_weights=int8_weights, trt=trt, batch_range=batch_range, workspace_mb=workspace_mb,
                   log=click.echo)
 
 

@@ -104,7 +104,8 @@ def parity_images(manifest: dict, size: int, count: int, log: Callable) -> tuple
 
 
 def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str] = None, calib_count: int = 256,
-                  calib_method: str = "minmax", trt: bool = False, batch_range=None, parity_count: int = 128,
+                  calib_method: str = "minmax", int8_weights: str = "s8-7bit", trt: bool = False, batch_range=None,
+                  parity_count: int = 128,
                   workspace_mb: int = 1024, log: Callable = print) -> dict:
     """Export ``bundle`` to the engine directory ``out``; returns its manifest."""
     from safetensors.numpy import save_file
@@ -119,6 +120,8 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
     batch_range = parse_batch_range(batch_range)
     if calib_method not in ("minmax", "entropy", "percentile"):
         raise EdgeclError(f"--calib-method {calib_method!r}: choose minmax, entropy or percentile")
+    if int8_weights not in ("s8-7bit", "u8"):
+        raise EdgeclError(f"--int8-weights {int8_weights!r}: choose s8-7bit or u8")
     out = Path(out).resolve()
     if out.exists() and not is_engine_dir(out):
         raise EdgeclError(f"--out {out} exists and is not an engine directory; choose another path or remove it")
@@ -162,7 +165,7 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
         if precision == "int8":
             from .quantize import quantize_qdq
             facts = quantize_qdq(tmp / "model.fp32.onnx", tmp / "model.int8.qdq.onnx", frames, tmp / "calibration",
-                                 method=calib_method, input_name=INPUT_NAME, log=log)
+                                 method=calib_method, cpu_weights=int8_weights, input_name=INPUT_NAME, log=log)
             models["int8"] = {"file": "model.int8.qdq.onnx", "runtime": "onnxruntime", **facts}
             parity["int8"] = parity_report(learner, tmp / "model.int8.qdq.onnx", imgs, heads, CHANNEL_ORDER, source,
                                            precision="int8")

@@ -1,12 +1,17 @@
 """ONNX Runtime static quantization of the exported graph to a QDQ model (INT8, CPU-tested).
 
-Two flavours:
+Flavours:
 
-* for ONNX Runtime on the CPU (``model.int8.qdq.onnx``): uint8 activations and uint8 weights
-  per channel ("U8U8"). The usual U8S8 (int8 weights) multiplies uint8 by int8 with
-  ``vpmaddubsw`` on x86 CPUs without VNNI, whose int16 intermediate sums saturate: on this
-  machine (AVX2, no VNNI) U8S8 EfficientNet-Lite0 features had a cosine of 0.95 to fp32 and
-  82% top-1 agreement, U8U8 0.99 and 92-95% (docs/EXPORT.md has the table).
+* for ONNX Runtime on the CPU (``model.int8.qdq.onnx``), uint8 activations and per-channel
+  weights, ``cpu_weights``:
+  - ``"s8-7bit"`` (default): int8 weights in 7 bits (``reduce_range``). Plain U8S8 multiplies
+    uint8 by int8 with ``vpmaddubsw`` on x86 CPUs without VNNI, whose int16 pair sums saturate:
+    on this machine (AVX2, no VNNI) U8S8 EfficientNet-Lite0 features had a cosine of 0.95 to
+    fp32 and 82% top-1 agreement; 7-bit weights leave headroom (0.976, 88%; quick RanPAC
+    bundle 62.52 vs 63.28 fp32) and keep ONNX Runtime's fast integer kernels (faster than fp32).
+  - ``"u8"``: uint8 weights ("U8U8"): the closest to fp32 (0.992, 92%; 63.20 vs 63.28), but
+    ONNX Runtime has no fast x86 kernel for per-channel uint8 weights: ~4x slower than fp32.
+  docs/EXPORT.md has the measurements.
 * for TensorRT's explicit quantization (``symmetric_activations=True``): int8 symmetric
   activations and int8 symmetric per-channel weights, what TensorRT 10 consumes.
 
@@ -62,8 +67,11 @@ def stem_nodes(path) -> list:
     return stems
 
 
+CPU_WEIGHTS = ("s8-7bit", "u8")
+
+
 def quantize_qdq(fp32_path, out_path, frames, cache_dir, method: str = "minmax", symmetric_activations: bool = False,
-                 input_name: str = "input", op_types=None, log: Callable = print) -> dict:
+                 cpu_weights: str = "s8-7bit", input_name: str = "input", op_types=None, log: Callable = print) -> dict:
     """Quantize ``fp32_path`` to ``out_path``; returns facts for the manifest (key, cache hit)."""
     import onnxruntime
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -82,11 +90,13 @@ def quantize_qdq(fp32_path, out_path, frames, cache_dir, method: str = "minmax",
         if hit is not None and supports_cache:
             ranges.write_bytes(hit.read_bytes())
         exclude = stem_nodes(pre)
-        kwargs = dict(nodes_to_exclude=exclude, op_types_to_quantize=op_types, quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
+        u8_weights = cpu_weights == "u8" and not symmetric_activations
+        kwargs = dict(nodes_to_exclude=exclude, op_types_to_quantize=op_types, quant_format=QuantFormat.QDQ, per_channel=True,
+                      reduce_range=cpu_weights == "s8-7bit" and not symmetric_activations,
                       activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
-                      weight_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                      weight_type=QuantType.QUInt8 if u8_weights else QuantType.QInt8,
                       calibrate_method=_ort_method(method),
-                      extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": symmetric_activations})
+                      extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": not u8_weights})
         if supports_cache:
             kwargs["calibration_cache_path"] = str(ranges)
         quantize_static(str(pre), str(out_path), reader, **kwargs)
@@ -96,4 +106,5 @@ def quantize_qdq(fp32_path, out_path, frames, cache_dir, method: str = "minmax",
                             "cache": f"calibration/{cache.path.name}" if supports_cache else None,
                             "cache_reused": hit is not None and supports_cache},
             "float_nodes": exclude, "activations": "int8-symmetric" if symmetric_activations else "uint8",
-            "weights": "int8-symmetric-per-channel" if symmetric_activations else "uint8-per-channel"}
+            "weights": "int8-symmetric-per-channel" if symmetric_activations else
+            {"u8": "uint8-per-channel", "s8-7bit": "int8-7bit-per-channel"}[cpu_weights]}

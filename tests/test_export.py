@@ -198,6 +198,13 @@ def test_mismatched_engine_dir_is_refused(work, tmp_path):
 
 # ----------------------------------------------------------------------------- INT8
 
+def conv_weights(model) -> list:
+    """The quantized initializers that reach a Conv/MatMul/Gemm as its weight (through a DequantizeLinear)."""
+    weight_inputs = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")}
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in weight_inputs}
+    return [i for i in model.graph.initializer if i.name in quantized]
+
+
 def test_int8_qdq_export_and_calibration_cache(work, tmp_path):
     import onnx
     out = tmp_path / "int8"
@@ -208,10 +215,12 @@ def test_int8_qdq_export_and_calibration_cache(work, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     q = onnx.load(str(out / manifest["models"]["int8"]["file"]))
     assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
-    # the CPU model: uint8 weights and activations (U8S8 saturates on x86 CPUs without VNNI)
-    weights = [i for i in q.graph.initializer if i.name.endswith("_quantized") and len(i.dims) == 4]
-    assert weights and all(i.data_type == onnx.TensorProto.UINT8 for i in weights)
-    assert manifest["models"]["int8"]["weights"] == "uint8-per-channel"
+    # the CPU model's default weights: int8 in 7 bits (plain U8S8 saturates on x86 without VNNI)
+    from onnx.numpy_helper import to_array
+    weights = conv_weights(q)
+    assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
+    assert all(-64 <= to_array(i).min() and to_array(i).max() <= 64 for i in weights)  # 7 bits
+    assert manifest["models"]["int8"]["weights"] == "int8-7bit-per-channel"
     assert manifest["models"]["int8"]["calibration"]["images"] == 8
     key = json.loads((out / "calibration/ort-minmax.key.json").read_text())
     assert set(key) == {"model_sha256", "data_sha256", "method", "tool", "tool_version"}
@@ -223,6 +232,11 @@ def test_int8_qdq_export_and_calibration_cache(work, tmp_path):
     assert again.exit_code == 0 and "key matches, reusing it" in again.output
     changed = invoke(args[:-1] + ["6"])  # other calibration data: stale, recalibrated
     assert changed.exit_code == 0 and "is stale (data_sha256 changed)" in changed.output
+
+    u8 = tmp_path / "int8-u8"  # uint8 weights on request
+    assert invoke(args[:3] + [str(u8)] + args[4:] + ["--int8-weights", "u8"]).exit_code == 0
+    weights = conv_weights(onnx.load(str(u8 / "model.int8.qdq.onnx")))
+    assert weights and all(i.data_type == onnx.TensorProto.UINT8 for i in weights)
 
 
 def test_calibration_cache_invalidation(tmp_path):
