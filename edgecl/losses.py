@@ -1,7 +1,9 @@
 """Loss terms and the aggregation rule of SAFE (Zhao et al., "SAFE: Slow and Fast
-Parameter-Efficient Tuning for Continual Learning with Pre-Trained Models", NeurIPS 2024).
+Parameter-Efficient Tuning for Continual Learning with Pre-Trained Models", NeurIPS 2024), and
+at the end the symmetric cross-entropy and logit normalisation of SLCA / SLCA++.
 
-Every function here is pinned to hand-computed values in tests/test_losses.py.
+Every function here is pinned to hand-computed values in tests/test_losses.py (SAFE) and
+tests/test_slca.py (SLCA / SLCA++).
 """
 
 from __future__ import annotations
@@ -85,3 +87,46 @@ def entropy_aggregate(logits_slow: torch.Tensor, logits_fast: torch.Tensor, gamm
     H = torch.stack([entropy(logits_slow), entropy(logits_fast)], dim=1)
     w = torch.softmax(-gamma * H, dim=1)
     return w[:, :1] * logits_slow + w[:, 1:] * logits_fast, w
+
+
+# --------------------------------------------------------------------------- SLCA / SLCA++
+# Zhang et al., "SLCA: Slow Learner with Classifier Alignment for Continual Learning on a
+# Pre-trained Model", ICCV 2023, and "SLCA++: Unleash the Power of Sequential Fine-tuning for
+# Continual Learning with Pre-training", arXiv 2408.08295. Pinned in tests/test_slca.py.
+
+
+def reverse_cross_entropy(logits: torch.Tensor, y: torch.Tensor, log_zero: float = -4.0,
+                          p_min: float = 1e-7) -> torch.Tensor:
+    """Reverse cross-entropy (Wang et al., "Symmetric Cross Entropy for Robust Learning with
+    Noisy Labels", ICCV 2019, Eq. 3-5): RCE = -sum_k p(k|x) log q(k|x) with q the one-hot label
+    and log 0 replaced by ``log_zero`` (the SCE paper's A = -4), i.e. -A (1 - p_y) per sample;
+    p is clamped to [``p_min``, 1] as in the SLCA++ code. Mean over the batch."""
+    p = torch.softmax(logits.float(), dim=1).clamp(min=p_min, max=1.0)
+    log_q = torch.full_like(p, float(log_zero))
+    log_q.scatter_(1, y.view(-1, 1), 0.0)
+    return -(p * log_q).sum(1).mean()
+
+
+def symmetric_cross_entropy(logits: torch.Tensor, y: torch.Tensor, alpha: float, beta: float,
+                            log_zero: float = -4.0) -> dict:
+    """SLCA++'s training loss (Sec. 4.2, after SCE): alpha CE + beta RCE. Returns the weighted
+    terms ``{"ce": alpha CE, "rce": beta RCE}`` (``rce`` only when beta != 0)."""
+    terms = {"ce": alpha * F.cross_entropy(logits, y)}
+    if beta:
+        terms["rce"] = beta * reverse_cross_entropy(logits, y, log_zero)
+    return terms
+
+
+def logit_normalize(logits: torch.Tensor, tau: float, blocks=None, eps: float = 1e-7) -> torch.Tensor:
+    """Logit normalisation of SLCA's classifier alignment (Sec. 4.2; Wei et al., "Mitigating
+    Neural Network Overconfidence with Logit Normalization", ICML 2022): l / (tau ||l||).
+
+    ``blocks`` (sizes of consecutive class groups, one per session) selects the authors' code's
+    variant: ||l|| is replaced by the mean over sessions of each session block's norm
+    ||l_block|| (+ ``eps`` each). Without ``blocks``: the paper's global norm (+ ``eps``)."""
+    if blocks is None:
+        norm = logits.norm(p=2, dim=1, keepdim=True) + eps
+    else:
+        parts = torch.split(logits, list(blocks), dim=1)
+        norm = torch.cat([b.norm(p=2, dim=1, keepdim=True) + eps for b in parts], dim=1).mean(1, keepdim=True)
+    return logits / norm / tau

@@ -8,20 +8,13 @@ import torch
 from edgecl import pet as petlib
 from edgecl.backbones import create_backbone
 from edgecl.config import resolve_config
-from edgecl.data import ImageSet
 from edgecl.learners.safe import SAFE
 from edgecl.losses import entropy_aggregate
+from test_train import blob_images
 
 
 def _images(classes, n=8, seed=0):
-    rng = np.random.RandomState(seed)
-    imgs, labels = [], []
-    for c in classes:
-        base = rng.randint(0, 255, size=3)
-        imgs.append(np.clip(base + rng.randn(n, 32, 32, 3) * 30, 0, 255).astype(np.uint8))
-        labels += [c] * n
-    return ImageSet(np.concatenate(imgs), np.array(labels, dtype=np.int64), [f"c{c}" for c in range(4)],
-                    key=f"test-{seed}-{classes}")
+    return blob_images(classes, n, seed, num_names=4, key="test")
 
 
 def _learner():

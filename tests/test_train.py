@@ -16,6 +16,20 @@ TINY = ["--backbone", "vit_tiny_patch16_224", "--weights", "random",
         "--split", "B0Inc2", "--epochs", "1", "--no-progress"]
 
 
+def blob_images(classes, n=8, seed=0, num_names=4, key="test"):
+    """An in-memory ImageSet: per class ``n`` noisy 32x32 images around one random colour."""
+    from edgecl.data import ImageSet
+
+    rng = np.random.RandomState(seed)
+    imgs, labels = [], []
+    for c in classes:
+        base = rng.randint(0, 255, size=3)
+        imgs.append(np.clip(base + rng.randn(n, 32, 32, 3) * 30, 0, 255).astype(np.uint8))
+        labels += [c] * n
+    return ImageSet(np.concatenate(imgs), np.array(labels, dtype=np.int64), [f"c{c}" for c in range(num_names)],
+                    key=f"{key}-{seed}-{classes}")
+
+
 def make_imagefolder(root, n_classes=4, n_train=10, n_val=4, size=32, seed=0):
     """Classes that differ by colour and stripe direction, with noise."""
     rng = np.random.RandomState(seed)

@@ -11,12 +11,11 @@ REGISTRY = {
     "simplecil": ("edgecl.learners.simplecil", "SimpleCIL"),
     "ranpac": ("edgecl.learners.ranpac", "RanPAC"),
     "safe": ("edgecl.learners.safe", "SAFE"),
+    "seqft": ("edgecl.learners.slca", "SeqFT"),
+    "slca": ("edgecl.learners.slca", "SLCA"),
+    "slcapp": ("edgecl.learners.slca", "SLCAPlusPlus"),
 }
-NOT_BUILT = {
-    "slca": "SLCA (issue #4)",
-    "slcapp": "SLCA++ (issue #4)",
-    "seqft": "sequential fine-tuning (issue #4)",
-}
+NOT_BUILT: dict = {}
 
 
 def learner_class(method: str):
