@@ -122,6 +122,12 @@ class ClassHeads:
         self.engine_dir, self.manifest, self.log = Path(engine_dir), manifest, log
         self.refactor_every = refactor_every
         self.learners = {ln: info["head"] for ln, info in manifest["learners"].items()}
+        unsupported = {ln: k for ln, k in self.learners.items() if k not in ("ranpac", "prototypes")}
+        if unsupported:
+            ln, kind = next(iter(unsupported.items()))
+            raise EdgeclError(f"engine directory {engine_dir}: learner {ln!r} has a {kind!r} head (SLCA / SLCA++), "
+                              f"which the device runtime cannot run or enroll into yet (it runs RanPAC, SAFE and "
+                              f"SimpleCIL engines); evaluate it with edgecl eval {engine_dir} --data DIR")
         self.tensors = load_tensors(engine_dir, manifest, "heads")
         self.W_rand = {ln: (None if t.get("ranpac.W_rand") is None else np.asarray(t["ranpac.W_rand"], np.float32))
                        for ln, t in self.tensors.items()}

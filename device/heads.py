@@ -5,6 +5,7 @@ because enrollment changes them. Two kinds, matching :mod:`edgecl.heads`:
 
 * ``ranpac``: logits = ReLU(f @ W_rand) @ W  (W_rand d x M, W M x C; plain ridge if no W_rand)
 * ``prototypes`` (SimpleCIL): logits = cos(f, sums_c / counts_c)
+* ``linear`` (SLCA / SLCA++, the aligned per-session heads): logits = f @ weight.T + bias
 
 SAFE-style aggregation of several learners' logits (entropy-weighted) is :func:`aggregate`.
 """
@@ -41,16 +42,24 @@ class Head:
                 self.W_rand = np.asarray(self.W_rand, dtype=np.float32)
         elif kind == "prototypes":
             self.sums, self.counts = tensors["prototypes.sums"], tensors["prototypes.counts"]
+        elif kind == "linear":
+            self.weight = np.asarray(tensors["linear.weight"], dtype=np.float32)
+            self.bias = np.asarray(tensors["linear.bias"], dtype=np.float32) if "linear.bias" in tensors else None
         else:
             raise ValueError(f"unknown head kind {kind!r}")
 
     @property
     def num_classes(self) -> int:
-        return int(self.W.shape[1] if self.kind == "ranpac" else self.sums.shape[0])
+        if self.kind == "ranpac":
+            return int(self.W.shape[1])
+        return int((self.weight if self.kind == "linear" else self.sums).shape[0])
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         if self.kind == "ranpac":
             return ranpac_logits(features, self.W, self.W_rand)
+        if self.kind == "linear":
+            out = np.asarray(features, dtype=np.float32) @ self.weight.T
+            return out if self.bias is None else out + self.bias
         return prototype_logits(features, self.sums, self.counts)
 
 

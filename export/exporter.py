@@ -67,7 +67,7 @@ def _head_kinds(manifest: dict, learners: list) -> dict:
     if isinstance(meta.get("heads"), dict):
         return {ln: meta["heads"][ln] for ln in learners}
     kind = meta.get("head")
-    if kind not in ("ranpac", "prototypes"):
+    if kind not in ("ranpac", "prototypes", "linear"):
         raise EdgeclError(f"bundle method {manifest.get('method')!r}: head kind {kind!r} cannot be exported yet")
     return {ln: kind for ln in learners}
 

@@ -166,6 +166,24 @@ def test_engine_dir_eval_matches_bundle_and_parity(work, method):
             assert abs(got[f"accuracy_{n}"] - ref[f"accuracy_{n}"]) <= 0.1
 
 
+@pytest.mark.parametrize("method", ["slcapp", "seqft"])
+def test_slca_bundle_exports_with_its_linear_head(work, tmp_path, method):
+    """SLCA-family bundles (aligned linear heads, LoRA or a fine-tuned backbone) export and
+    evaluate like the bundle; the device loop refuses them with a clear message."""
+    bundle, eng = tmp_path / "bundle", tmp_path / "engine"
+    res = invoke(["train", "--data", str(work["data"]), "--method", method, "--out", str(bundle), *TINY,
+                  "--set", "slca.ca_samples_per_class=16"])
+    assert res.exit_code == 0, res.output
+    assert invoke(["export", str(bundle), "--out", str(eng)]).exit_code == 0
+    manifest = json.loads((eng / "manifest.json").read_text())
+    assert manifest["learners"]["main"]["head"] == "linear"
+    assert json.loads((eng / "parity.json").read_text())["fp32"]["top1_agreement"] == 1.0
+    got = json.loads(invoke(["eval", str(eng), "--data", str(work["data"]), "--json"]).output)
+    ref = json.loads(invoke(["eval", str(bundle), "--data", str(work["data"]), "--json"]).output)
+    assert abs(got["accuracy"] - ref["accuracy"]) <= 0.1
+    one_line(invoke(["enroll", str(eng), "--list"]), "'linear' head", "edgecl eval")
+
+
 def test_engine_dir_loads_without_torch(work):
     """The engine directory's heads and manifest are read with numpy only."""
     import subprocess
