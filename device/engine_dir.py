@@ -5,8 +5,8 @@ Layout (``manifest.json`` binds everything by sha256)::
     manifest.json          format "edgecl-engine", version, input contract, learners, models
     model.fp32.onnx        the graph: uint8 NHWC frame (BGR) -> features_<learner> per learner
     model.int8.qdq.onnx    (int8) ONNX Runtime static-quantized QDQ graph
-    heads.safetensors      per learner "<learner>.<tensor>": ranpac.W / ranpac.W_rand or
-                           prototypes.sums / prototypes.counts
+    heads.safetensors      per learner "<learner>.<tensor>": ranpac.W / ranpac.W_rand,
+                           prototypes.sums / prototypes.counts, or linear.weight / linear.bias
     stats.safetensors      per learner "<learner>.<tensor>": ranpac.G / ranpac.Q / ranpac.counts (enrollment)
     classes.json           class names in logit order
     parity.json            ONNX Runtime vs PyTorch report of the export
