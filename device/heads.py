@@ -89,3 +89,16 @@ def aggregate(logits: dict, gamma: float = 1.0, return_weights: bool = False):
         w = entropy_weights(logits, gamma)
         out = sum(w[:, i:i + 1] * logits[n] for i, n in enumerate(names)).astype(np.float32)
     return (out, w) if return_weights else out
+
+
+def predict(logits: dict, aggregation: dict | None, return_weights: bool = False):
+    """What the engine directory predicts (its manifest's ``aggregation``): SAFE's entropy
+    aggregate (``predict: aggregate``, gamma from the manifest) or one learner alone
+    (``predict: slow`` / ``fast``, as the bundle's ``safe.inference`` said); a single learner's
+    logits unchanged. The weights are returned either way (for the loop's JSON lines)."""
+    agg = aggregation or {}
+    out, w = aggregate(logits, float(agg.get("gamma", 1.0)), return_weights=True)
+    which = agg.get("predict", "aggregate")
+    if which != "aggregate" and which in logits:
+        out = logits[which]
+    return (out, w) if return_weights else out

@@ -19,7 +19,7 @@ from edgecl.errors import EdgeclError
 from .backends import open_backend
 from .engine_dir import open_engine_dir, read_manifest, verify
 from .enroll import ClassHeads
-from .heads import aggregate
+from .heads import predict
 
 UNKNOWN = "unknown"
 
@@ -80,7 +80,7 @@ class Runtime:
         open_engine_dir(engine_dir, verify_files=False)  # head/class consistency
         self.manifest = manifest
         self.size = int(manifest["input"]["size"])
-        self.gamma = float((manifest.get("aggregation") or {}).get("gamma", 1.0))
+        self.aggregation = manifest.get("aggregation") or {}
         self.heads = ClassHeads(engine_dir, manifest, store, policy=policy, log=log)
         proj = {ln: W for ln, W in self.heads.W_rand.items() if W is not None} if project_in_engine else None
         self.backend = open_backend(engine_dir, manifest, backend, threads, log, projections=proj)
@@ -101,8 +101,8 @@ class Runtime:
         return {ln: np.concatenate(v) for ln, v in out.items()}
 
     def predict_features(self, feats: dict) -> tuple:
-        """(aggregated scores [N, C], per-learner weights [N, L] or None)."""
-        return aggregate(self.heads.logits(feats), self.gamma, return_weights=True)
+        """(scores [N, C] as the manifest says: the aggregate or one learner; weights [N, L] or None)."""
+        return predict(self.heads.logits(feats), self.aggregation, return_weights=True)
 
     def classify(self, frames: np.ndarray) -> dict:
         """Fitted uint8 frames -> ``{"scores", "weights", "engine_ms", "heads_ms"}``."""

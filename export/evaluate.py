@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from edgecl.device.engine_dir import model_file, open_engine_dir
-from edgecl.device.heads import aggregate
+from edgecl.device.heads import predict
 from edgecl.errors import EdgeclError
 
 
@@ -41,9 +41,7 @@ def evaluate_engine_dir(path, data, split: str = "val", per_class: Optional[int]
     frames = to_channel_order(np.asarray(images.images)[rows], manifest["input"]["channel_order"])
     feats = ort_features(ort_session(Path(path) / onnx_file, threads), frames)
     logits = {ln: heads[ln].logits(feats[ln]) for ln in heads}
-    agg = manifest.get("aggregation") or {}
-    predict = agg.get("predict", "aggregate")
-    main = aggregate(logits, agg.get("gamma", 1.0)) if predict == "aggregate" or len(logits) == 1 else logits[predict]
+    main = predict(logits, manifest.get("aggregation"))
     y = labels[rows]
     result = {"accuracy": round(100.0 * float((main.argmax(1) == y).mean()), 4), "n": int(len(rows)),
               "classes": int(len(set(y.tolist()))),

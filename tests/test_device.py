@@ -173,7 +173,11 @@ def test_safe_two_learners_aggregate_and_enroll(engines, tmp_path):
     res = rt.classify(x)
     assert res["weights"].shape == (60, 2) and np.allclose(res["weights"].sum(1), 1)
     feats = rt.backend.infer(x)
-    np.testing.assert_allclose(res["scores"], aggregate(rt.heads.logits(feats), rt.gamma), rtol=1e-5, atol=1e-6)
+    logits = rt.heads.logits(feats)
+    np.testing.assert_allclose(res["scores"], aggregate(logits, rt.aggregation["gamma"]), rtol=1e-5, atol=1e-6)
+    rt.aggregation = {**rt.aggregation, "predict": "fast"}  # a bundle trained with safe.inference: fast
+    np.testing.assert_allclose(rt.classify(x)["scores"], logits["fast"], rtol=1e-5, atol=1e-6)
+    rt.aggregation = {**rt.aggregation, "predict": "aggregate"}
     rt.enroll_frames("seven", class_frames(7, 10, seed=1))
     x7, _ = labelled_frames([7], 10, seed=8)
     assert (rt.classify(x7)["scores"].argmax(1) == 6).mean() >= 0.9
