@@ -43,11 +43,8 @@ def main(argv=None) -> dict:
     known = {c: i for i, c in enumerate(classes)}
     folder = Path(args.data) / args.split
     images = load_imagefolder(folder, size=size, progress=False)
-    mapping = np.array([known.get(c, -1) for c in images.class_names])
-    labels = mapping[np.asarray(images.labels)]
-    rows = np.where(labels >= 0)[0]
+    rows, y = images.relabel(classes)
     frames = np.ascontiguousarray(np.asarray(images.images)[rows][..., ::-1])  # RGB -> BGR, as eval feeds the graph
-    y = labels[rows]
 
     work = Path(args.work or tempfile.mkdtemp(prefix="edgecl-parity-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
 
     from edgecl.device.engine_dir import read_manifest
     from edgecl.device.enroll import ClassHeads, augment_views, imprint_columns
-    from edgecl.device.ranpac import project
+    from edgecl.device.heads import project
     from edgecl.device.runtime import Runtime
 
     cache = Path(args.cache)

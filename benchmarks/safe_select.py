@@ -57,7 +57,6 @@ def build_heldout(train_dir: Path, out: Path, per_class: int, skip: int) -> Path
 
 def gamma_sweep(bundle: Path, heldout: Path, gammas) -> list:
     """Final held-out accuracy of the entropy aggregate for each gamma, from one bundle."""
-    import numpy as np
     import torch
 
     from edgecl.data import load_imagefolder
@@ -67,11 +66,8 @@ def gamma_sweep(bundle: Path, heldout: Path, gammas) -> list:
 
     learner, manifest = load_learner(str(bundle))
     images = load_imagefolder(heldout, size=manifest["input"]["size"], progress=False)
-    known = {name: i for i, name in enumerate(manifest["classes"]["names"])}
-    labels = np.array([known.get(n, -1) for n in images.class_names])[images.labels]
-    rows = np.where(labels >= 0)[0]
-    logits = learner.predict(with_labels(images.subset(rows), labels[rows]))
-    y = labels[rows]
+    rows, y = images.relabel(manifest["classes"]["names"])
+    logits = learner.predict(with_labels(images.subset(rows), y))
     l_slow, l_fast = torch.from_numpy(logits["slow"]), torch.from_numpy(logits["fast"])
     out = []
     for g in gammas:

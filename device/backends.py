@@ -274,10 +274,6 @@ def open_backend(engine_dir, manifest: dict, choice: str = "auto", threads: int 
             raise EdgeclError(f"--backend trt: {why}; build one with edgecl export BUNDLE --out {engine_dir} --trt "
                               f"(or the trtexec command in the manifest), or use --backend ort")
     providers = {"ort-trt": ORT_PROVIDERS[:1], "ort-cuda": ORT_PROVIDERS[1:2], "ort-cpu": ORT_PROVIDERS[2:]}.get(choice)
-    precision = manifest.get("precision", "fp32")
-    if precision not in manifest.get("models", {}):
-        precision = "fp32"
-    backend = OrtBackend(Path(engine_dir) / model_file(manifest, precision), learners, size, providers, threads,
-                         projections)
+    backend = OrtBackend(Path(engine_dir) / model_file(manifest), learners, size, providers, threads, projections)
     log(f"backend: {backend.name} (--backend {choice})")
     return backend

@@ -39,7 +39,7 @@ def _stats(xs) -> dict:
 
 def run_bench(engine_dir, backend: str = "auto", frames: int = 200, warmup: int = 20, frame_size=(480, 640),
               enroll_classes: int = 5, enroll_frames: int = 20, threads: int = 0, log: Callable = print) -> dict:
-    from .enroll import AVERAGE_VIEWS, DEFAULT_VIEWS, augment_views, view_rows
+    from .enroll import AVERAGE_VIEWS, DEFAULT_VIEWS
     from .loop import process_frame
     from .runtime import Runtime
 
@@ -72,11 +72,8 @@ def run_bench(engine_dir, backend: str = "auto", frames: int = 200, warmup: int 
         enroll_ms, feat_ms, commit_ms = [], [], []
         for c in range(enroll_classes):
             imgs = synthetic_frames(enroll_frames, rt.size, rt.size, seed=100 + c)
-            t0 = time.perf_counter()
-            inputs = rt.heads.head_inputs(rt.features(augment_views(imgs, DEFAULT_VIEWS)))
-            feats = {ln: view_rows(x, len(DEFAULT_VIEWS)) for ln, x in inputs.items()}
-            feat_ms.append(1000 * (time.perf_counter() - t0))
-            info = rt.heads.enroll(f"bench-{c}", feats)
+            info = rt.enroll_frames(f"bench-{c}", imgs, views=DEFAULT_VIEWS)
+            feat_ms.append(info["features_ms"])
             enroll_ms.append(info["update_ms"])
             t0 = time.perf_counter()
             rt.heads.commit()

@@ -60,8 +60,18 @@ def verify(path, manifest: dict, names=None) -> None:
                               f"mismatched or were edited); re-run edgecl export")
 
 
+def default_precision(manifest: dict) -> str:
+    """The ONNX model an engine directory runs by default: the precision it was exported for,
+    or fp32 when that has no ONNX model of its own (an fp16 TensorRT export runs its fp32 ONNX
+    outside TensorRT)."""
+    precision = manifest.get("precision", "fp32")
+    return precision if precision in manifest.get("models", {}) else "fp32"
+
+
 def model_file(manifest: dict, precision: str | None = None) -> str:
-    precision = precision or manifest.get("precision", "fp32")
+    """The ONNX file of ``precision`` (default :func:`default_precision`); an explicit precision
+    the directory lacks is refused."""
+    precision = precision or default_precision(manifest)
     models = manifest.get("models", {})
     if precision not in models:
         raise EdgeclError(f"the engine directory has no {precision} ONNX model (it has: {', '.join(models)}); "

@@ -33,8 +33,8 @@ import numpy as np
 from edgecl.errors import EdgeclError
 
 from .engine_dir import class_names, load_tensors
-from .heads import prototype_logits
-from .ranpac import RidgeHead, balance_weights, estimate_class_counts, project
+from .heads import project, prototype_logits
+from .ranpac import RidgeHead, balance_weights, estimate_class_counts
 from .store import (
     ClassStore,
     StoreState,
@@ -201,7 +201,7 @@ class ClassHeads:
             self.ridge(ln)
         return self._n_ref[ln]
 
-    def _row_weights(self, ln: str, uid: int, n: int) -> tuple:
+    def _row_weights(self, ln: str, n: int) -> tuple:
         pol = self.policy_for(ln)
         n_ref = self.n_ref(ln)
         return float(balance_weights(n, n_ref, pol["alpha"])), float(balance_weights(n, n_ref, pol["beta"]))
@@ -222,7 +222,7 @@ class ClassHeads:
             if c["uid"] is not None:
                 sel = st.rows_of(c["uid"])
                 H = st.rows[ln][sel].astype(np.float64)
-                wg, wq = self._row_weights(ln, c["uid"], n_by_uid.get(c["uid"], 0))
+                wg, wq = self._row_weights(ln, n_by_uid.get(c["uid"], 0))
                 G += wg * (H.T @ H)
                 Q[:, j] = wq * H.sum(0)
         W = st.W.get(ln)
@@ -305,8 +305,8 @@ class ClassHeads:
             if kind != "ranpac":
                 continue
             F_new = np.asarray(features[ln], np.float32)
-            wg0, wq0 = self._row_weights(ln, uid, len(old)) if len(old) else (0.0, 0.0)
-            wg1, wq1 = self._row_weights(ln, uid, len(old) + k)
+            wg0, wq0 = self._row_weights(ln, len(old)) if len(old) else (0.0, 0.0)
+            wg1, wq1 = self._row_weights(ln, len(old) + k)
             parts = [(F_new, wg1, wq1)]
             if len(old) and (wg1 != wg0 or wq1 != wq0):  # reweight the class's earlier rows
                 parts.append((st.rows[ln][old], wg1 - wg0, wq1 - wq0))
@@ -338,7 +338,7 @@ class ClassHeads:
         else:
             sel = st.rows_of(c["uid"])
             for ln, rh in self._ridge.items():
-                wg, _ = self._row_weights(ln, c["uid"], len(sel))
+                wg, _ = self._row_weights(ln, len(sel))
                 rh.update(st.rows[ln][sel], np.full(len(sel), -wg),
                           np.zeros((len(sel), rh.num_classes)))
             keep = st.row_uid != c["uid"]

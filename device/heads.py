@@ -15,10 +15,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def ranpac_logits(features: np.ndarray, W: np.ndarray, W_rand=None) -> np.ndarray:
+def project(features: np.ndarray, W_rand) -> np.ndarray:
+    """h = ReLU(W_rand^T f) (RanPAC Eq. 3), float32; plain ridge on f when W_rand is None."""
     f = np.asarray(features, dtype=np.float32)
-    h = f if W_rand is None else np.maximum(f @ np.asarray(W_rand, dtype=np.float32), 0.0)
-    return h @ np.asarray(W, dtype=np.float32)
+    return f if W_rand is None else np.maximum(f @ np.asarray(W_rand, dtype=np.float32), 0.0)
+
+
+def ranpac_logits(features: np.ndarray, W: np.ndarray, W_rand=None) -> np.ndarray:
+    return project(features, W_rand) @ np.asarray(W, dtype=np.float32)
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:

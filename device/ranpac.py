@@ -29,12 +29,6 @@ except ImportError:  # pragma: no cover - a device image without scipy still wor
     blas = cho_factor = cho_solve = lapack = None
 
 
-def project(features: np.ndarray, W_rand) -> np.ndarray:
-    """h = ReLU(W_rand^T f) (RanPAC Eq. 3), float32; plain ridge on f when W_rand is None."""
-    f = np.asarray(features, dtype=np.float32)
-    return f if W_rand is None else np.maximum(f @ W_rand, 0.0)
-
-
 def estimate_class_counts(G: np.ndarray, Q: np.ndarray, M: int) -> np.ndarray:
     """Samples per class behind (G, Q) when the bundle did not record them.
 

@@ -17,7 +17,7 @@ import numpy as np
 from edgecl.errors import EdgeclError
 
 from .backends import open_backend
-from .engine_dir import open_engine_dir, read_manifest, verify
+from .engine_dir import open_engine_dir
 from .enroll import ClassHeads
 from .heads import predict
 
@@ -75,9 +75,7 @@ class Runtime:
     def __init__(self, engine_dir, backend: str = "auto", store=None, threads: int = 0, policy=None,
                  project_in_engine: bool = True, log: Callable = print):
         self.engine_dir = Path(engine_dir)
-        manifest = read_manifest(engine_dir)
-        verify(engine_dir, manifest)
-        open_engine_dir(engine_dir, verify_files=False)  # head/class consistency
+        manifest = open_engine_dir(engine_dir)["manifest"]  # hashes verified, heads match classes.json
         self.manifest = manifest
         self.size = int(manifest["input"]["size"])
         self.aggregation = manifest.get("aggregation") or {}

@@ -26,6 +26,7 @@ so stores from several devices merge exactly (:func:`merge_states`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -50,6 +51,14 @@ FORMAT = "edgecl-store"
 FORMAT_VERSION = 1
 KEEP = 2
 _GEN = re.compile(r"^gen-(\d{8})\.json$")
+
+
+def committed_generations(path) -> list:
+    """Generation numbers with a commit record (``gen-NNNNNNNN.json``) in a store, newest first."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return sorted((int(m.group(1)) for f in path.iterdir() if (m := _GEN.match(f.name))), reverse=True)
 
 
 def engine_identity(manifest: dict) -> dict:
@@ -132,37 +141,34 @@ class ClassStore:
         self.seen_generation = 0  # the newest committed generation when last loaded/committed
 
     def generations(self) -> list:
-        """Committed generation numbers (by their JSON records), newest first."""
-        if not self.path.is_dir():
-            return []
-        gens = [int(m.group(1)) for f in self.path.iterdir() if (m := _GEN.match(f.name))]
-        return sorted(gens, reverse=True)
+        return committed_generations(self.path)
 
     def _files(self, gen: int) -> tuple:
         return self.path / f"gen-{gen:08d}.safetensors", self.path / f"gen-{gen:08d}.json"
 
+    def _refuse_other_engine(self, record: dict) -> None:
+        if record.get("engine") != self.engine:
+            raise EdgeclError(f"store {self.path} belongs to another engine (model sha256 "
+                              f"{str((record.get('engine') or {}).get('model_sha256'))[:12]}..., this engine directory "
+                              f"has {str(self.engine.get('model_sha256'))[:12]}...); use the engine directory it was "
+                              f"made with, or pass another --store/--out")
+
     def _check_engine(self, gen: int) -> None:
+        """Refuse to commit on top of another engine's store (an unreadable record is no evidence)."""
         try:
             record = json.loads(self._files(gen)[1].read_text())
         except (OSError, ValueError):
             return
-        if record.get("engine") not in (None, self.engine):
-            raise EdgeclError(f"store {self.path} belongs to another engine (model sha256 "
-                              f"{str(record['engine'].get('model_sha256'))[:12]}...); choose another --store/--out")
+        if record.get("engine") is not None:
+            self._refuse_other_engine(record)
 
     def _read(self, gen: int) -> StoreState:
         data_file, record_file = self._files(gen)
         record = json.loads(record_file.read_text())
         if record.get("format") != FORMAT or record.get("generation") != gen:
             raise ValueError("record is not a store commit record")
-        if record.get("engine") != self.engine:
-            raise EdgeclError(f"store {self.path} belongs to another engine (model sha256 "
-                              f"{str((record.get('engine') or {}).get('model_sha256'))[:12]}..., this engine directory "
-                              f"has {str(self.engine.get('model_sha256'))[:12]}...); use the engine directory it was "
-                              f"made with, or pass another --store")
+        self._refuse_other_engine(record)
         data = data_file.read_bytes()
-        import hashlib
-
         if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
             raise ValueError(f"{data_file.name} does not match its record (torn or corrupt)")
         state = StoreState.from_bytes(data)
@@ -205,8 +211,6 @@ class ClassStore:
             data = state.to_bytes()
             data_file, record_file = self._files(gen)
             write_bytes_durable(data_file, data)
-            import hashlib
-
             record = {"format": FORMAT, "format_version": FORMAT_VERSION, "generation": gen,
                       "file": data_file.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                       "engine": self.engine, "classes": len(state.classes),
@@ -235,8 +239,7 @@ def store_record(path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise EdgeclError(f"store {path} does not exist; enroll a class first (edgecl enroll ENGINE_DIR ...)")
-    gens = sorted((int(m.group(1)) for f in path.iterdir() if (m := _GEN.match(f.name))), reverse=True)
-    for gen in gens:
+    for gen in committed_generations(path):
         try:
             record = json.loads((path / f"gen-{gen:08d}.json").read_text())
             if sha256_file(path / record["file"]) == record["sha256"]:

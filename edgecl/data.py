@@ -85,6 +85,14 @@ class ImageSet:
         digest = hashlib.sha256(f"{self.key}:subset:".encode() + idx.astype("<i8").tobytes()).hexdigest()
         return ImageSet(np.asarray(self.images[idx]), self.labels[idx], list(self.class_names), digest[:32])
 
+    def relabel(self, class_names: Sequence[str]) -> tuple:
+        """``(rows, labels)``: the images whose class name is in ``class_names`` and its index
+        there (how a bundle or an engine directory, with its own class order, scores a folder)."""
+        index = {name: i for i, name in enumerate(class_names)}
+        mapped = np.array([index.get(name, -1) for name in self.class_names], dtype=np.int64)[self.labels]
+        rows = np.flatnonzero(mapped >= 0)
+        return rows, mapped[rows]
+
     def select_classes(self, classes: Sequence[int]) -> "ImageSet":
         """The images whose label is in ``classes`` (dataset class indices), in their order here."""
         return self.subset(np.flatnonzero(np.isin(self.labels, np.asarray(list(classes), dtype=np.int64))))

@@ -120,14 +120,12 @@ def evaluate(path: str, data: str, split: str = "val", per_class: Optional[int] 
         per_class = manifest["config"]["data"].get("val_per_class")
     images = load_imagefolder(folder, size=manifest["input"]["size"], per_class=per_class,
                               cache_dir=manifest["config"]["data"].get("cache_dir"), progress=progress)
-    known = {name: i for i, name in enumerate(manifest["classes"]["names"])}
-    mapping = np.array([known.get(name, -1) for name in images.class_names])
-    labels = mapping[images.labels]
-    rows = np.where(labels >= 0)[0]
+    known = manifest["classes"]["names"]
+    rows, labels = images.relabel(known)
     if len(rows) == 0:
         raise EdgeclError(f"none of the class folders in {folder} is a class of bundle {path} "
-                          f"(it knows {len(known)} classes, e.g. {', '.join(list(known)[:3])})")
-    subset = with_labels(images.subset(rows), labels[rows])
+                          f"(it knows {len(known)} classes, e.g. {', '.join(known[:3])})")
+    subset = with_labels(images.subset(rows), labels)
     logits = learner.predict(subset)
     out = {}
     for name, lg in logits.items():

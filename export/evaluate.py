@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from edgecl.device.engine_dir import model_file, open_engine_dir
+from edgecl.device.engine_dir import default_precision, model_file, open_engine_dir
 from edgecl.device.heads import predict
 from edgecl.errors import EdgeclError
 
@@ -21,31 +21,24 @@ def evaluate_engine_dir(path, data, split: str = "val", per_class: Optional[int]
 
     eng = open_engine_dir(path)
     manifest, heads, classes = eng["manifest"], eng["heads"], eng["classes"]
-    if precision is None:
-        precision = manifest.get("precision", "fp32")
-        if precision not in manifest["models"]:  # e.g. an fp16 TensorRT export: its ONNX runs at fp32 here
-            precision = "fp32"
+    precision = precision or default_precision(manifest)
     onnx_file = model_file(manifest, precision)  # an explicit precision the directory lacks is refused
     root = Path(data)
     folder = root / split if (root / split).is_dir() else root
     if per_class is None:
         per_class = manifest.get("source_bundle", {}).get("val_per_class")
     images = load_imagefolder(folder, size=manifest["input"]["size"], per_class=per_class, progress=progress)
-    known = {name: i for i, name in enumerate(classes)}
-    mapping = np.array([known.get(name, -1) for name in images.class_names])
-    labels = mapping[np.asarray(images.labels)]
-    rows = np.where(labels >= 0)[0]
+    rows, y = images.relabel(classes)
     if len(rows) == 0:
         raise EdgeclError(f"none of the class folders in {folder} is a class of engine directory {path} "
-                          f"(it knows {len(known)} classes, e.g. {', '.join(list(known)[:3])})")
+                          f"(it knows {len(classes)} classes, e.g. {', '.join(classes[:3])})")
     frames = to_channel_order(np.asarray(images.images)[rows], manifest["input"]["channel_order"])
     feats = ort_features(ort_session(Path(path) / onnx_file, threads), frames)
     logits = {ln: heads[ln].logits(feats[ln]) for ln in heads}
     main = predict(logits, manifest.get("aggregation"))
-    y = labels[rows]
     result = {"accuracy": round(100.0 * float((main.argmax(1) == y).mean()), 4), "n": int(len(rows)),
               "classes": int(len(set(y.tolist()))),
-              "skipped_classes": sorted(set(images.class_names) - set(known)), "path": str(path),
+              "skipped_classes": sorted(set(images.class_names) - set(classes)), "path": str(path),
               "data": str(folder), "precision": precision, "model": onnx_file, "runtime": "onnxruntime-cpu"}
     if len(logits) > 1:
         result.update({f"accuracy_{ln}": round(100.0 * float((lg.argmax(1) == y).mean()), 4) for ln, lg in logits.items()})

@@ -120,8 +120,10 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
     batch_range = parse_batch_range(batch_range)
     if calib_method not in ("minmax", "entropy", "percentile"):
         raise EdgeclError(f"--calib-method {calib_method!r}: choose minmax, entropy or percentile")
-    if int8_weights not in ("s8-7bit", "u8"):
-        raise EdgeclError(f"--int8-weights {int8_weights!r}: choose s8-7bit or u8")
+    from .quantize import CPU_WEIGHTS
+
+    if int8_weights not in CPU_WEIGHTS:
+        raise EdgeclError(f"--int8-weights {int8_weights!r}: choose {' or '.join(CPU_WEIGHTS)}")
     out = Path(out).resolve()
     if out.exists() and not is_engine_dir(out):
         raise EdgeclError(f"--out {out} exists and is not an engine directory; choose another path or remove it")

@@ -73,8 +73,8 @@ def static_same_padding(graph: nn.Module, size: int) -> int:
         parent = graph.get_submodule(parent_name) if parent_name else graph
         conv = getattr(parent, attr)
         pads = []
-        for size, k, s, d in zip((iw, ih), conv.kernel_size[::-1], conv.stride[::-1], conv.dilation[::-1]):
-            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        for extent, k, s, d in zip((iw, ih), conv.kernel_size[::-1], conv.stride[::-1], conv.dilation[::-1]):
+            total = max((math.ceil(extent / s) - 1) * s + (k - 1) * d + 1 - extent, 0)
             pads += [total // 2, total - total // 2]
         plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
                           conv.groups, conv.bias is not None)

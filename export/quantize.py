@@ -10,7 +10,7 @@ Flavours:
     fp32 and 82% top-1 agreement; 7-bit weights leave headroom (0.976, 88%; quick RanPAC
     bundle 62.52 vs 63.28 fp32) and keep ONNX Runtime's fast integer kernels (faster than fp32).
   - ``"u8"``: uint8 weights ("U8U8"): the closest to fp32 (0.992, 92%; 63.20 vs 63.28), but
-    ONNX Runtime has no fast x86 kernel for per-channel uint8 weights: ~4x slower than fp32.
+    ONNX Runtime has no fast x86 kernel for per-channel uint8 weights: ~5x slower than fp32.
   docs/EXPORT.md has the measurements.
 * for TensorRT's explicit quantization (``symmetric_activations=True``): int8 symmetric
   activations and int8 symmetric per-channel weights, what TensorRT 10 consumes.

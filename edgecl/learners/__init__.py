@@ -6,7 +6,7 @@ import importlib
 
 from ..errors import EdgeclError
 
-# method name -> (module, class); methods owned by later work say so clearly.
+# method name -> (module, class)
 REGISTRY = {
     "simplecil": ("edgecl.learners.simplecil", "SimpleCIL"),
     "ranpac": ("edgecl.learners.ranpac", "RanPAC"),
@@ -15,12 +15,9 @@ REGISTRY = {
     "slca": ("edgecl.learners.slca", "SLCA"),
     "slcapp": ("edgecl.learners.slca", "SLCAPlusPlus"),
 }
-NOT_BUILT: dict = {}
 
 
 def learner_class(method: str):
-    if method in NOT_BUILT:
-        raise EdgeclError(f"--method {method}: {NOT_BUILT[method]} is not built yet; available: {', '.join(REGISTRY)}")
     if method not in REGISTRY:
         raise EdgeclError(f"unknown method {method!r} (--method); available: {', '.join(REGISTRY)}")
     module, cls = REGISTRY[method]
