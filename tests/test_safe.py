@@ -3,6 +3,7 @@ session 1, the fast one keeps learning, each has its own statistics, and the agg
 entropy-weighted mix of the two heads."""
 
 import numpy as np
+import pytest
 import torch
 
 from edgecl import pet as petlib
@@ -17,9 +18,13 @@ def _images(classes, n=8, seed=0):
     return blob_images(classes, n, seed, num_names=4, key="test")
 
 
-def _learner():
+VIT = {"name": "vit_tiny_patch16_224", "weights": "random", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
+CNN = {"name": "tf_efficientnet_lite0", "weights": "random", "kwargs": {}}
+
+
+def _learner(backbone=VIT, kinds=("ssf",)):
     cfg = resolve_config("safe", overrides={
-        "backbone": {"name": "vit_tiny_patch16_224", "weights": "random", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}},
+        "backbone": backbone, "pet": {"kinds": list(kinds)},
         "data": {"input_size": 32}, "ranpac": {"M": 64}, "train": {"epochs": 1, "batch_size": 8, "device": "cpu"},
         "safe": {"fast_epochs": 1}})
     torch.manual_seed(0)
@@ -29,8 +34,11 @@ def _learner():
     return learner
 
 
-def test_slow_frozen_fast_learns_and_heads_are_separate():
-    learner = _learner()
+@pytest.mark.parametrize("backbone,kinds", [(VIT, ["ssf"]), (VIT, ["adapter"]), (VIT, ["vpt"]),
+                                            (CNN, ["ssf"]), (CNN, ["adapter"]), (CNN, ["lora"])],
+                         ids=["vit-ssf", "vit-adapter", "vit-vpt", "lite0-ssf", "lite0-adapter", "lite0-lora"])
+def test_slow_frozen_fast_learns_and_heads_are_separate(backbone, kinds):
+    learner = _learner(backbone, kinds)
     learner.learn(0, _images([0, 1], seed=1), [0, 1])
     learner.num_seen = 2
     slow_after_1 = {k: v.clone() for k, v in petlib.pet_state_dict(learner.slow.model).items()}
@@ -52,3 +60,10 @@ def test_slow_frozen_fast_learns_and_heads_are_separate():
     agg, w = entropy_aggregate(torch.from_numpy(out["slow"]), torch.from_numpy(out["fast"]), learner.cfg.safe.gamma)
     assert np.allclose(out["main"], agg.numpy()) and np.allclose(out["aggregate"], agg.numpy())
     assert np.allclose(learner.final_weights.sum(1), 1.0)
+
+    # the bundle state alone rebuilds both learners (PET weights, RanPAC heads, cosine heads)
+    twin = _learner(backbone, kinds)
+    twin.load_state(learner.state(), learner.meta())
+    again = twin.predict(_images([0, 1, 2, 3], n=3, seed=3))
+    for key in ("slow", "fast", "aggregate"):
+        assert np.allclose(again[key], out[key], atol=1e-4), key
