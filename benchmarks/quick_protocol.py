@@ -13,13 +13,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 
-def run_quick(method: str, seed: int, data: str, out: Path, sets=()) -> dict:
-    """One `edgecl train --profile quick` run; returns its metrics (plus wall_s)."""
+# settings that do not change what a run learns
+_NOT_RECIPE = {"data": ("cache_dir", "workers"), "train": ("device", "threads")}
+
+
+def _recipe(config: dict) -> dict:
+    d = json.loads(json.dumps(config))
+    for section, keys in _NOT_RECIPE.items():
+        for k in keys:
+            d[section].pop(k, None)
+    for k in ("root", "val_root"):
+        if d["data"].get(k):
+            d["data"][k] = os.path.realpath(d["data"][k])
+    return d
+
+
+def run_quick(method: str, seed: int, data: str, out: Path, sets=(), reuse: bool = False) -> dict:
+    """One `edgecl train --profile quick` run; returns its metrics (plus wall_s).
+
+    With ``reuse``, a finished run already in ``out`` is read back instead (so an interrupted
+    benchmark resumes, and seeds can run in separate processes sharing one --out), provided it
+    was trained with the same configuration; a different one stops with a message.
+    """
     from edgecl.config import parse_set, resolve_config
     from edgecl.train import train
 
@@ -27,6 +48,15 @@ def run_quick(method: str, seed: int, data: str, out: Path, sets=()) -> dict:
     overrides.setdefault("data", {})["root"] = data
     overrides["seed"] = seed
     cfg = resolve_config(method, "quick", None, overrides)
+    out = Path(out)
+    if reuse and (out / "metrics.json").is_file():
+        manifest = json.loads((out / "manifest.json").read_text())
+        done, want = _recipe(manifest["config"]), _recipe(cfg.to_dict())
+        if any(done[k] != want[k] for k in done.keys() & want.keys()):  # bundles keep their method's sections
+            raise SystemExit(f"{out}: holds a finished run with another configuration than "
+                             f"{method} {' '.join(sets)}; delete it or choose another --out")
+        m = json.loads((out / "metrics.json").read_text())
+        return m | {"wall_s": m.get("time_s")}
     start = time.perf_counter()
     m = train(cfg, str(out), progress=False, log=lambda *_: None)
     m["wall_s"] = round(time.perf_counter() - start, 1)

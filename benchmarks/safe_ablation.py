@@ -36,15 +36,6 @@ def _fmt(values) -> str:
     return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
-def run_or_reuse(method, seed, data, out: Path, sets=()) -> dict:
-    """A finished run's bundle is reused (so an interrupted ablation resumes, and seeds can run
-    in separate processes with the same --out and be tabulated at the end)."""
-    if (out / "metrics.json").is_file():
-        m = json.loads((out / "metrics.json").read_text())
-        return m | {"wall_s": m.get("time_s")}
-    return run_quick(method, seed, data, out, sets)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -63,20 +54,20 @@ def main(argv=None) -> int:
         (out / "ablation.json").write_text(json.dumps(rows, indent=2))  # partial results survive an interruption
 
     for seed in args.seeds:
-        m = run_or_reuse("ranpac", seed, args.data, out / f"ranpac-s{seed}")
+        m = run_quick("ranpac", seed, args.data, out / f"ranpac-s{seed}", reuse=True)
         add("RanPAC", seed, m)
-        m = run_or_reuse("safe", seed, args.data, out / f"safe-s{seed}")
+        m = run_quick("safe", seed, args.data, out / f"safe-s{seed}", reuse=True)
         add("+ slow learner (transfer loss), slow alone", seed, m["slow"] | {"wall_s": None})
         if not args.skip_ce_only:
-            mc = run_or_reuse("safe", seed, args.data, out / f"safe-ce-only-s{seed}",
-                           ["safe.lambda_cc=0", "safe.lambda_cos=0"])
+            mc = run_quick("safe", seed, args.data, out / f"safe-ce-only-s{seed}",
+                           ["safe.lambda_cc=0", "safe.lambda_cos=0"], reuse=True)
             add("+ fast learner (CE only), aggregate", seed, mc)
         add("SAFE (entropy aggregate)", seed, m)
         add("SAFE: slow alone", seed, m["slow"] | {"wall_s": None})
         add("SAFE: fast alone", seed, m["fast"] | {"wall_s": None})
         for spec in args.variant:
             name, sets = spec.split(":", 1)
-            mv = run_or_reuse("safe", seed, args.data, out / f"safe-{name.replace(' ', '_')}-s{seed}", sets.split(","))
+            mv = run_quick("safe", seed, args.data, out / f"safe-{name.replace(' ', '_')}-s{seed}", sets.split(","), reuse=True)
             add(f"SAFE, {name}", seed, mv)
         print(f"seed {seed} done", file=sys.stderr, flush=True)
 

@@ -96,8 +96,7 @@ def main(argv=None) -> int:
     if args.gamma_sweep:
         name, sets = args.gamma_sweep.split(":", 1)
         bundle = out / f"gamma-{name.replace(' ', '_')}"
-        if not (bundle / "manifest.json").is_file():
-            run_quick("safe", args.seed, str(train_dir), bundle, sets.split(",") + [f"data.val_root={heldout}"])
+        run_quick("safe", args.seed, str(train_dir), bundle, sets.split(",") + [f"data.val_root={heldout}"], reuse=True)
         sweep = gamma_sweep(bundle, heldout, args.gammas)
         lines = [f"| gamma ({name}, held-out training images) | aggregate A_last | mean slow weight (std) |", "|---|---|---|"]
         lines += [f"| {r['gamma']} | {r['A_last']:.2f} | " + (f"{r['w_slow_mean']:.3f} ({r['w_slow_std']:.3f})"
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
     for spec in args.candidate or DEFAULT_CANDIDATES:
         name, sets = spec.split(":", 1)
         sets = sets.split(",") + [f"data.val_root={heldout}"]
-        m = run_quick("safe", args.seed, str(train_dir), out / name.replace(" ", "_"), sets)
+        m = run_quick("safe", args.seed, str(train_dir), out / name.replace(" ", "_"), sets, reuse=True)
         rows.append({"name": name, "sets": sets[:-1], **{k: {x: m[k][x] for x in ("A_last", "A_avg")} if k != "aggregate" else
                                                            {x: m[x] for x in ("A_last", "A_avg")}
                                                            for k in ("slow", "fast", "aggregate")}, "wall_s": m["wall_s"]})

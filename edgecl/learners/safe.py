@@ -55,7 +55,9 @@ class SAFE(Learner):
         self.fast_head = RanPACHead(d, rc.M, cfg.seed + 1, rc.lambdas)
         self.slow_cls = CosineHead(d, 0).to(self.device)
         self.fast_cls = CosineHead(d, 0).to(self.device)
-        self.volatile = {"fast"}
+        # the fast learner changes every session, so only the rows asked for are extracted;
+        # with safe.fast_epochs = 0 it never changes and its features are cached like the slow's
+        self.volatile = {"fast"} if cfg.safe.fast_epochs > 0 else set()
         self.history: dict = {}
         self.final_weights = None
 
