@@ -39,7 +39,8 @@ def run_quick(method: str, seed: int, data: str, out: Path, sets=(), reuse: bool
 
     With ``reuse``, a finished run already in ``out`` is read back instead (so an interrupted
     benchmark resumes, and seeds can run in separate processes sharing one --out), provided it
-    was trained with the same configuration; a different one stops with a message.
+    was trained with the same configuration; a different one stops with a message. A run
+    made by older code is not detected: delete --out after changing the code.
     """
     from edgecl.config import parse_set, resolve_config
     from edgecl.train import train

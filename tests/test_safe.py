@@ -67,3 +67,16 @@ def test_slow_frozen_fast_learns_and_heads_are_separate(backbone, kinds):
     again = twin.predict(_images([0, 1, 2, 3], n=3, seed=3))
     for key in ("slow", "fast", "aggregate"):
         assert np.allclose(again[key], out[key], atol=1e-4), key
+
+
+def test_channels_last_features_equal_plain_nchw():
+    """The learners run channels-last for speed; the features must be those of the plain model."""
+    learner = _learner(CNN, ["ssf"])
+    images = _images([0, 1], n=3, seed=4)
+    got = learner.features(learner.slow, "slow", images)
+    x = torch.from_numpy(np.ascontiguousarray(images.images))
+    plain = learner.slow.to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        want = plain(learner.normalize(x).contiguous())
+    assert learner.prepare(x).is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
