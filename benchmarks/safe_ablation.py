@@ -6,7 +6,8 @@
 Rows (each A_last / A_avg, mean ± std over the seeds):
   RanPAC                                edgecl train --method ranpac --profile quick
   + slow learner (transfer loss)        SAFE's slow learner alone: RanPAC's first-session PET
-                                        trained with the transfer loss (its own RanPAC head)
+                                        trained with the transfer loss as configured (the quick
+                                        profile switches it off) and its own RanPAC head
   + fast learner (CE only), aggregate   SAFE with safe.lambda_cc=0, safe.lambda_cos=0: a fast
                                         learner trained with cross-entropy alone, aggregated
   SAFE (entropy aggregate)              full SAFE: + cross-classification + feature alignment
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         m = run_quick("ranpac", seed, args.data, out / f"ranpac-s{seed}", reuse=True)
         add("RanPAC", seed, m)
         m = run_quick("safe", seed, args.data, out / f"safe-s{seed}", reuse=True)
-        add("+ slow learner (transfer loss), slow alone", seed, m["slow"] | {"wall_s": None})
+        add("+ slow learner (transfer loss as configured), slow alone", seed, m["slow"] | {"wall_s": None})
         if not args.skip_ce_only:
             mc = run_quick("safe", seed, args.data, out / f"safe-ce-only-s{seed}",
                            ["safe.lambda_cc=0", "safe.lambda_cos=0"], reuse=True)
