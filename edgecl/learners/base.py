@@ -41,9 +41,8 @@ class Learner:
     def __init__(self, cfg: Config, backbone: Backbone, device: Optional[torch.device] = None):
         self.cfg = cfg
         self.device = device or resolve_device(cfg.train.device)
-        # channels-last memory for speed (2-core CPU, EfficientNet-Lite0 at 96 px: forward 23 %,
-        # PET training step 32 % faster; a SAFE quick run 987 -> 891 s); the weights' values, and
-        # so bundles and exports, are unchanged
+        # channels-last memory for speed (benchmarks/channels_last.py; a SAFE quick run went from
+        # 987 to 891 s); the weights' values, and so bundles and exports, are unchanged
         self.ptm = backbone.to(self.device, memory_format=torch.channels_last).eval()
         for p in self.ptm.parameters():
             p.requires_grad_(False)

@@ -1,0 +1,67 @@
+"""Channels-last against plain NCHW memory for the PET backbone on this machine's CPU.
+
+    python benchmarks/channels_last.py [--size 96] [--batch 250] [--train-batch 48]
+
+Times a no-grad forward of ``--batch`` images and a PET training step (forward + backward)
+of ``--train-batch`` images, EfficientNet-Lite0 with SSF (the quick profile's model), in both
+memory formats, and prints the speed-up. The learners run channels-last
+(``edgecl.learners.base.Learner.prepare``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from edgecl import pet as petlib
+from edgecl.backbones import create_backbone
+from edgecl.config import PETConfig
+
+
+def _model():
+    bb = create_backbone("tf_efficientnet_lite0", "default")
+    petlib.inject_pet(bb.model, PETConfig(kinds=["ssf"]))
+    petlib.freeze_for_pet(bb.model)
+    return bb
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--train-batch", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    xb = torch.randn(args.train_batch, 3, args.size, args.size)
+    out = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model = _model().to(memory_format=fmt)
+        xf, xbf = x.contiguous(memory_format=fmt), xb.contiguous(memory_format=fmt)
+        model.eval()
+        with torch.no_grad():
+            fwd = _time(lambda: model(xf), args.repeats)
+        model.train()
+        step = _time(lambda: model(xbf).sum().backward(), args.repeats)
+        out["channels_last" if fmt is torch.channels_last else "nchw"] = {"forward_s": fwd, "train_step_s": step}
+    a, b = out["nchw"], out["channels_last"]
+    print(f"forward of {args.batch} images: NCHW {a['forward_s']:.2f} s, channels-last {b['forward_s']:.2f} s "
+          f"({100 * (1 - b['forward_s'] / a['forward_s']):.0f} % less time)")
+    print(f"training step of {args.train_batch}: NCHW {a['train_step_s']:.3f} s, channels-last "
+          f"{b['train_step_s']:.3f} s ({100 * (1 - b['train_step_s'] / a['train_step_s']):.0f} % less time)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
