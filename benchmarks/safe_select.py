@@ -13,6 +13,12 @@ learner switched off (``safe.fast_epochs=0``), because the transfer loss only sh
 learner and the slow learner's RanPAC head alone is what it is judged by. Prints slow-alone,
 fast-alone and aggregate A_last / A_avg per candidate and writes OUT/select.md.
 
+The fast learner's alignment weight was chosen the same way (docs/METHODS.md), one candidate
+per process (they share --out and the held-out folder)::
+
+    python benchmarks/safe_select.py --data ../shared/data/tiny-imagenet-100 --out runs/safe-select \
+        --candidate "cos 15:safe.lambda_cos=15"
+
 ``--gamma-sweep NAME:KEY=VALUE[,...]`` trains one full SAFE run that way (evaluated on the
 held-out images) and then recomputes its final aggregate for each ``--gammas`` value from the
 slow and fast logits (gamma only acts at inference, Eq. 8-9), writing OUT/gamma.md.
@@ -49,9 +55,10 @@ def build_heldout(train_dir: Path, out: Path, per_class: int, skip: int) -> Path
             raise SystemExit(f"{train_dir / cls}: {len(names)} images, need {skip + per_class} for a held-out split")
         (out / cls).mkdir(exist_ok=True)
         for n in names[-per_class:]:
-            link = out / cls / n
-            if not link.exists():
-                link.symlink_to((train_dir / cls / n).resolve())
+            try:  # several candidates may run in parallel processes sharing --out
+                (out / cls / n).symlink_to((train_dir / cls / n).resolve())
+            except FileExistsError:
+                pass
     return out
 
 
