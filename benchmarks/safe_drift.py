@@ -6,7 +6,9 @@
 The quick protocol's first ``--sessions`` sessions, evaluated on the held-out training images of
 ``safe_select.py`` (the last 50 of each class; val/ is never read). Session 1 (the slow learner)
 is trained once; every ``--variant NAME:KEY=VALUE[,...]`` (config overrides as ``edgecl train
---set``; an empty list is the configuration as it is) continues from a copy of it. After each
+--set``; an empty list is the configuration as it is) continues from a copy of it, so a
+variant may change what happens after session 1 (``safe.lambda_cos``, ``safe.fast_lr``,
+``safe.lambda_cc``, ``safe.fast_epochs``) and nothing before. After each
 session it prints, on the classes seen so far:
 
 - slow, fast, aggregate: A_t of the slow learner, the fast learner and their entropy aggregate;
