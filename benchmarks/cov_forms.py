@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
     from edgecl.config import parse_set, resolve_config
     from edgecl.data import build_scenario, load_dataset
-    from edgecl.learners.base import run_sessions, with_labels
+    from edgecl.learners.base import run_sessions, to_incremental
     from edgecl.train import build_learner, seed_everything
 
     overrides = parse_set(args.sets)
@@ -73,9 +73,7 @@ def main(argv=None) -> int:
           f"({train_s:.0f} s)", file=sys.stderr, flush=True)
 
     label_map = scenario.label_map(len(train_set.class_names))
-    inc = label_map[val_set.labels]
-    keep = np.where(inc >= 0)[0]
-    val = with_labels(val_set.subset(keep), inc[keep])
+    val = to_incremental(val_set, label_map)
     feats = learner.features(learner.model, "model", val).to(learner.device)
     last = len(scenario.sessions) - 1
     rows = []

@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     from edgecl.config import parse_set, resolve_config
     from edgecl.data import build_scenario, load_dataset
     from edgecl.heads import RanPACHead
-    from edgecl.learners.base import torch_labels, with_labels
-    from edgecl.learners.ranpac import holdout_mask
+    from edgecl.learners.base import to_incremental, torch_labels
+    from edgecl.learners.ranpac import session_holdout
     from edgecl.train import build_learner, seed_everything
 
     out = Path(args.out)
@@ -70,13 +70,11 @@ def main(argv=None) -> int:
     train_set, val_set = load_dataset(cfg.data, progress=False)
     scenario = build_scenario(len(train_set.class_names), cfg.data.split, cfg.seed, cfg.data.num_classes)
     label_map = scenario.label_map(len(train_set.class_names))
-    inc = label_map[val_set.labels]
-    val = with_labels(val_set.subset(np.where(inc >= 0)[0]), inc[inc >= 0])
+    val = to_incremental(val_set, label_map)
     first = len(scenario.sessions[0])
 
     def session_train(t):
-        idx = np.where(np.isin(train_set.labels, scenario.sessions[t]))[0]
-        return with_labels(train_set.subset(idx), label_map[train_set.labels[idx]])
+        return to_incremental(train_set, label_map, scenario.sessions[t])
 
     def offset(t):
         return sum(len(s) for s in scenario.sessions[:t])
@@ -99,8 +97,7 @@ def main(argv=None) -> int:
         refit = RanPACHead(f_f.shape[1], L.cfg.ranpac.M, L.cfg.seed + 1, L.cfg.ranpac.lambdas)
         for j in range(t + 1):
             tr = session_train(j)
-            refit.add(L._extract(L.fast, tr), torch_labels(tr),
-                      holdout_mask(np.asarray(tr.labels), L.cfg.ranpac.holdout_fraction, L.cfg.seed + j))
+            refit.add(L._extract(L.fast, tr), torch_labels(tr), session_holdout(L.cfg, j, tr))
         refit.solve()
         r["fast_refit"] = acc(refit.logits(f_f).numpy())
         return r

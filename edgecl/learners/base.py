@@ -197,6 +197,14 @@ def with_labels(images: ImageSet, labels: np.ndarray) -> ImageSet:
     return dataclasses.replace(images, labels=np.asarray(labels, dtype=np.int64))
 
 
+def to_incremental(images: ImageSet, label_map: np.ndarray, classes=None) -> ImageSet:
+    """The images of ``classes`` (dataset labels; all classes in the scenario when None),
+    relabelled to incremental ids through ``label_map`` (:meth:`Scenario.label_map`)."""
+    inc = label_map[images.labels]
+    rows = np.where(inc >= 0 if classes is None else np.isin(images.labels, classes))[0]
+    return with_labels(images.subset(rows), inc[rows])
+
+
 def run_sessions(learner: Learner, train: ImageSet, val: ImageSet, scenario: Scenario,
                  on_session: Optional[Callable] = None, progress: bool = True) -> dict:
     """Run every session of ``scenario``: learn, then evaluate on all classes seen so far.
@@ -207,16 +215,13 @@ def run_sessions(learner: Learner, train: ImageSet, val: ImageSet, scenario: Sce
     n_dataset = len(train.class_names)
     label_map = scenario.label_map(n_dataset)
     session_of_label = np.concatenate([np.full(len(c), j) for j, c in enumerate(scenario.sessions)])
-    val_inc = label_map[val.labels]
-    in_order = np.where(val_inc >= 0)[0]
-    val_all = with_labels(val.subset(in_order), val_inc[in_order])
+    val_all = to_incremental(val, label_map)
     metrics = {name: SessionMetrics() for name in learner.predictors}
     learner.progress = progress
     seen = 0
     bar = tqdm(total=len(scenario.sessions), desc=f"{learner.name}", disable=not progress, dynamic_ncols=True)
     for t, classes in enumerate(scenario.sessions):
-        idx = np.where(np.isin(train.labels, classes))[0]
-        session_train = with_labels(train.subset(idx), label_map[train.labels[idx]])
+        session_train = to_incremental(train, label_map, classes)
         new = list(range(seen, seen + len(classes)))
         learner.learn(t, session_train, new)
         seen += len(classes)

@@ -32,6 +32,12 @@ def holdout_mask(labels: np.ndarray, fraction: float, seed: int) -> torch.Tensor
     return torch.from_numpy(mask)
 
 
+def session_holdout(cfg, t: int, images) -> torch.Tensor:
+    """The rows of session ``t``'s training images a RanPAC head chooses lambda on: a seeded
+    per-class split (seed ``cfg.seed + t``), the same rows whoever asks."""
+    return holdout_mask(np.asarray(images.labels), cfg.ranpac.holdout_fraction, cfg.seed + t)
+
+
 class RanPAC(Learner):
     name = "ranpac"
 
@@ -62,9 +68,7 @@ class RanPAC(Learner):
         if t == 0 and self.uses_pet and self.cfg.train.epochs > 0:
             self.adapt(train, new_classes)
         feats = self.features(self.model, "adapted", train)
-        labels = np.asarray(train.labels)
-        hold = holdout_mask(labels, self.cfg.ranpac.holdout_fraction, self.cfg.seed + t)
-        self.head.add(feats, torch_labels(train), hold)
+        self.head.add(feats, torch_labels(train), session_holdout(self.cfg, t, train))
         self.head.solve()
 
     def predict(self, images, rows=None):

@@ -30,7 +30,7 @@ from .. import pet as petlib
 from ..heads import CosineHead, RanPACHead
 from ..losses import cross_classification_loss, entropy_aggregate, feature_alignment_loss, transfer_loss
 from .base import Learner, torch_labels
-from .ranpac import holdout_mask
+from .ranpac import session_holdout
 
 
 def _append_rows(head: CosineHead, rows: torch.Tensor, trainable: bool) -> None:
@@ -131,7 +131,7 @@ class SAFE(Learner):
         else:
             self.train_fast(t, train, new_classes)
         labels = torch_labels(train)
-        hold = holdout_mask(np.asarray(train.labels), self.cfg.ranpac.holdout_fraction, self.cfg.seed + t)
+        hold = session_holdout(self.cfg, t, train)
         for model, tag, head in ((self.slow, "slow", self.slow_head), (self.fast, "fast", self.fast_head)):
             head.add(self.features(model, tag, train), labels, hold)
             head.solve()
