@@ -51,9 +51,9 @@ def main(argv=None) -> dict:
         xf, xbf = x.contiguous(memory_format=fmt), xb.contiguous(memory_format=fmt)
         model.eval()
         with torch.no_grad():
-            fwd = _time(lambda: model(xf), args.repeats)
+            fwd = _time(lambda model=model, xf=xf: model(xf), args.repeats)
         model.train()
-        step = _time(lambda: model(xbf).sum().backward(), args.repeats)
+        step = _time(lambda model=model, xbf=xbf: model(xbf).sum().backward(), args.repeats)
         out["channels_last" if fmt is torch.channels_last else "nchw"] = {"forward_s": fwd, "train_step_s": step}
     a, b = out["nchw"], out["channels_last"]
     print(f"forward of {args.batch} images: NCHW {a['forward_s']:.2f} s, channels-last {b['forward_s']:.2f} s "

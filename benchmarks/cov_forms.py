@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1993)
     ap.add_argument("--forms", nargs="+", default=["full", "lowrank:64", "lowrank:16", "lowrank:4", "diag", "shared"])
     ap.add_argument("--draws", type=int, default=3,
-                    help="repeat each form's alignment with this many independent sampling seeds (the first is the run's)")
+                    help="repeat each form's alignment with this many independent sampling seeds "
+                         "(the first is the run's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="runs/cov-forms")
     args = ap.parse_args(argv)
@@ -104,8 +105,8 @@ def main(argv=None) -> int:
         once = f"{r['shared_bytes']:,}" if r["shared_bytes"] else "-"
         lines.append(f"| {r['form']} | {r['A_last']:.2f} | {diff} | {d.mean():.2f} ± {d.std():.2f} | {paired} | "
                      f"{r['bytes_per_class']:,} | {once} | {r['align_s']:.0f} |")
-    lines.append(f"\n{args.method} run (full covariances, what `edgecl train` reports): A_last {metrics['A_last']:.2f}, "
-                 f"A_avg {metrics['A_avg']:.2f}, {train_s:.0f} s")
+    lines.append(f"\n{args.method} run (full covariances, what `edgecl train` reports): "
+                 f"A_last {metrics['A_last']:.2f}, A_avg {metrics['A_avg']:.2f}, {train_s:.0f} s")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)

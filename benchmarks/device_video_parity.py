@@ -33,9 +33,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     import cv2
-    from edgecl.device.engine_dir import class_names, read_manifest
 
     from edgecl.data import load_imagefolder
+    from edgecl.device.engine_dir import class_names, read_manifest
 
     manifest = read_manifest(args.engine)
     size = int(manifest["input"]["size"])
@@ -67,7 +67,8 @@ def main(argv=None) -> dict:
     jsonl = work / "frames.jsonl"
     t = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "edgecl.cli", "run", args.engine, "--source", str(video), "--headless",
-                          "--jsonl", str(jsonl), "--backend", "ort-cpu"], capture_output=True, text=True, env=env, check=False)
+                          "--jsonl", str(jsonl), "--backend", "ort-cpu"],
+                         capture_output=True, text=True, env=env, check=False)
     if run.returncode != 0:
         raise SystemExit(run.stderr or run.stdout)
     run_s = time.perf_counter() - t

@@ -43,6 +43,7 @@ def list_images(folder: Path) -> list:
 
 def load_frames(files: list, size: int) -> np.ndarray:
     import cv2
+
     from edgecl.device.runtime import fit_frame
 
     return np.stack([fit_frame(cv2.imread(str(f), cv2.IMREAD_COLOR), size) for f in files])
@@ -174,7 +175,7 @@ def main(argv=None) -> dict:
             mult = float(max(grid, key=lambda m: accuracy(scores("select", m), y, y >= k)["hmean"]))
         row = {"method": label, "views": list(views), "averaged": average, "ms_per_class": round(ms, 1),
                "scale": mult}
-        for name, (F, y) in evals.items():
+        for name, (_F, y) in evals.items():
             row[name] = accuracy(scores(name, mult), y, y >= k)
         results.append(row)
         print(json.dumps(row))

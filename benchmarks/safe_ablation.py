@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     rows: dict = {}
 
     def add(name, seed, m):
-        rows.setdefault(name, {})[seed] = {k: m[k] for k in ("A_last", "A_avg")} | {k: m.get(k) for k in ("wall_s", "learn_s")}
+        rows.setdefault(name, {})[seed] = ({k: m[k] for k in ("A_last", "A_avg")}
+                                           | {k: m.get(k) for k in ("wall_s", "learn_s")})
         out.mkdir(parents=True, exist_ok=True)
         (out / "ablation.json").write_text(json.dumps(rows, indent=2))  # partial results survive an interruption
 
@@ -69,7 +70,8 @@ def main(argv=None) -> int:
         add("SAFE: fast alone", seed, m["fast"] | {"wall_s": None})
         for spec in args.variant:
             name, sets = spec.split(":", 1)
-            mv = run_quick("safe", seed, args.data, out / f"safe-{name.replace(' ', '_')}-s{seed}", sets.split(","), reuse=True)
+            mv = run_quick("safe", seed, args.data, out / f"safe-{name.replace(' ', '_')}-s{seed}", sets.split(","),
+                           reuse=True)
             add(f"SAFE, {name}", seed, mv)
             add(f"SAFE, {name}: fast alone", seed, mv["fast"] | {"wall_s": None})
         print(f"seed {seed} done", file=sys.stderr, flush=True)
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     for name, per_seed in rows.items():
         seeds = sorted(per_seed)
 
-        def times(key):
+        def times(key, per_seed=per_seed, seeds=seeds):
             t = [per_seed[s].get(key) for s in seeds]
             return "/".join("-" if v is None else f"{v:.0f}" for v in t) if any(v is not None for v in t) else "-"
         lines.append(f"| {name} | {_fmt([per_seed[s]['A_last'] for s in seeds])} | "

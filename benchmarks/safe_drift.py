@@ -119,11 +119,13 @@ def main(argv=None) -> int:
             results.append({"variant": name, "session": t + 1, **measure(learner, t)})
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
 
-    lines = [f"| variant (seed {args.seed}, held-out) | session | slow | fast | aggregate | fast / slow on session-1 classes "
-             "| cos(fast, slow) | norm fast / slow | fast, head refit |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| variant (seed {args.seed}, held-out) | session | slow | fast | aggregate "
+             "| fast / slow on session-1 classes | cos(fast, slow) | norm fast / slow | fast, head refit |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['variant']} | {r['session']} | {r['slow']:.2f} | {r['fast']:.2f} | {r['aggregate']:.2f} | "
-                     f"{r['fast_first']:.2f} / {r['slow_first']:.2f} | {r['cos']:.4f} | {r['norm']:.3f} | {r['fast_refit']:.2f} |")
+                     f"{r['fast_first']:.2f} / {r['slow_first']:.2f} | {r['cos']:.4f} | {r['norm']:.3f} | "
+                     f"{r['fast_refit']:.2f} |")
     table = "\n".join(lines)
     print(table)
     (out / "drift.md").write_text(table + "\n")

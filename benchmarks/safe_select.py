@@ -83,20 +83,22 @@ def _aggregation_rules(l_slow, l_fast, y) -> list:
     def acc(pred):
         return _percent_correct(pred, y)
 
-    def margin(l):
-        top = np.sort(l, 1)
+    def margin(logits):
+        top = np.sort(logits, 1)
         return top[:, -1] - top[:, -2]
 
-    def z(l):
-        return (l - l.mean(1, keepdims=True)) / l.std(1, keepdims=True)
+    def z(logits):
+        return (logits - logits.mean(1, keepdims=True)) / logits.std(1, keepdims=True)
 
     rows = []
     for t in (0.1, 0.03, 0.01):
         agg, _ = entropy_aggregate(torch.from_numpy(l_slow) / t, torch.from_numpy(l_fast) / t, 1.0)
         rows.append({"rule": f"entropy of softmax(logits / {t})", "A_last": acc(agg.argmax(1).numpy())})
     ps, pf = l_slow.argmax(1), l_fast.argmax(1)
-    rows.append({"rule": "head with the larger top-2 margin", "A_last": acc(np.where(margin(l_slow) >= margin(l_fast), ps, pf))})
-    rows.append({"rule": "head with the larger top logit", "A_last": acc(np.where(l_slow.max(1) >= l_fast.max(1), ps, pf))})
+    rows.append({"rule": "head with the larger top-2 margin",
+                 "A_last": acc(np.where(margin(l_slow) >= margin(l_fast), ps, pf))})
+    rows.append({"rule": "head with the larger top logit",
+                 "A_last": acc(np.where(l_slow.max(1) >= l_fast.max(1), ps, pf))})
     rows.append({"rule": "average of per-image z-scored logits", "A_last": acc((z(l_slow) + z(l_fast)).argmax(1))})
     rows.append({"rule": "oracle: the right head when either is right", "A_last": acc(np.where(ps == y, ps, pf))})
     return rows
@@ -151,9 +153,11 @@ def main(argv=None) -> int:
         else:
             name, sets = args.gamma_sweep.split(":", 1)
             bundle = out / f"gamma-{name.replace(' ', '_')}"
-            run_quick("safe", args.seed, str(train_dir), bundle, sets.split(",") + [f"data.val_root={heldout}"], reuse=True)
+            run_quick("safe", args.seed, str(train_dir), bundle, sets.split(",") + [f"data.val_root={heldout}"],
+                      reuse=True)
         sweep = gamma_sweep(bundle, heldout, args.gammas)
-        lines = [f"| gamma ({name}, held-out training images) | aggregate A_last | mean slow weight (std) |", "|---|---|---|"]
+        lines = [f"| gamma ({name}, held-out training images) | aggregate A_last | mean slow weight (std) |",
+                 "|---|---|---|"]
         lines += [f"| {r['gamma']} | {r['A_last']:.2f} | " + (f"{r['w_slow_mean']:.3f} ({r['w_slow_std']:.3f})"
                                                            if "w_slow_mean" in r else "-") + " |" for r in sweep]
         print("\n".join(lines))
@@ -164,13 +168,15 @@ def main(argv=None) -> int:
         name, sets = spec.split(":", 1)
         sets = sets.split(",") + [f"data.val_root={heldout}"]
         m = run_quick("safe", args.seed, str(train_dir), out / name.replace(" ", "_"), sets, reuse=True)
-        rows.append({"name": name, "sets": sets[:-1], **{k: {x: m[k][x] for x in ("A_last", "A_avg")} if k != "aggregate" else
-                                                           {x: m[x] for x in ("A_last", "A_avg")}
-                                                           for k in ("slow", "fast", "aggregate")}, "wall_s": m["wall_s"]})
+        rows.append({"name": name, "sets": sets[:-1],
+                     **{k: {x: m[k][x] for x in ("A_last", "A_avg")} if k != "aggregate" else
+                        {x: m[x] for x in ("A_last", "A_avg")}
+                        for k in ("slow", "fast", "aggregate")}, "wall_s": m["wall_s"]})
         r = rows[-1]
         print(f"{name}: slow {r['slow']['A_last']:.2f} fast {r['fast']['A_last']:.2f} "
               f"aggregate {r['aggregate']['A_last']:.2f} ({m['wall_s']:.0f} s)", file=sys.stderr, flush=True)
-    lines = ["| candidate (held-out training images) | slow A_last / A_avg | fast A_last / A_avg | aggregate A_last / A_avg |",
+    lines = ["| candidate (held-out training images) | slow A_last / A_avg | fast A_last / A_avg "
+             "| aggregate A_last / A_avg |",
              "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]['A_last']:.2f} / {r[k]['A_avg']:.2f}"

@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     for method in args.methods:
         m = run_quick(method, args.seed, args.data, out / f"{method}-s{args.seed}", args.sets)
         results[method] = m
-        print(f"{method}: A_last {m['A_last']:.2f} A_avg {m['A_avg']:.2f} ({m['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+        print(f"{method}: A_last {m['A_last']:.2f} A_avg {m['A_avg']:.2f} ({m['wall_s']:.0f} s)",
+              file=sys.stderr, flush=True)
 
     lines = ["| method | A_last | A_avg | forgetting | wall time (s) |", "|---|---|---|---|---|"]
     for method, m in results.items():

@@ -92,7 +92,8 @@ def run_bench(engine_dir, backend: str = "auto", frames: int = 200, warmup: int 
                        "commit_ms": _stats(commit_ms) if commit_ms else None,
                        "prepare_ms_once": round(prepare_ms, 1),
                        "refactor_ms": round(refactor_ms, 1), "refactor_every": rt.heads.refactor_every,
-                       "enroll_ms_amortized": round(float(np.median(enroll_ms)) + refactor_ms / rt.heads.refactor_every, 1)
+                       "enroll_ms_amortized": round(float(np.median(enroll_ms))
+                                                    + refactor_ms / rt.heads.refactor_every, 1)
                        if enroll_ms else None},
             "store_generation_bytes": (rt.heads.store.path / f"gen-{gens[0]:08d}.safetensors").stat().st_size
             if gens else 0,

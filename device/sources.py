@@ -104,7 +104,8 @@ class Source:
 class FolderSource(Source):
     def __init__(self, folder: Path, log: Callable = print):
         self.spec, self.log = str(folder), log
-        self.files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_EXT and not f.name.startswith("."))
+        self.files = sorted(f for f in Path(folder).iterdir()
+                            if f.suffix.lower() in IMAGE_EXT and not f.name.startswith("."))
         if not self.files:
             raise EdgeclError(f"--source {folder}: the folder has no images ({', '.join(sorted(IMAGE_EXT))})")
         self.pos = 0

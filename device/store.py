@@ -309,4 +309,5 @@ def ensure_not_bound(engine_dir, store_path, manifest: dict) -> None:
     rel = os.path.relpath(Path(store_path).resolve(), Path(engine_dir).resolve())
     for name in manifest.get("files", {}):
         if name == rel or name.startswith(rel.rstrip("/") + "/"):
-            raise EdgeclError(f"--store {store_path} would overwrite {name} of the engine directory; choose another path")
+            raise EdgeclError(f"--store {store_path} would overwrite {name} of the engine directory; "
+                              "choose another path")

@@ -127,8 +127,10 @@ class SLCAConfig:
     (``--method seqft``) is the same learner with backbone_lr_ratio 1 and no alignment."""
 
     backbone_lr_ratio: float = 0.01  # slow learner: backbone (or PET) lr = train.head_lr * this (SLCA: 1/100)
-    first_session_pet_lr_ratio: Optional[float] = None  # PET (LoRA) lr ratio in session 1 (SLCA++ code: 0.5); None: backbone_lr_ratio
-    ce_scope: str = field(default="session", metadata=_choices("session", "seen"))  # stage-1 loss over this session's classes (code) or all seen
+    # PET (LoRA) lr ratio in session 1 (SLCA++ code: 0.5); None: backbone_lr_ratio
+    first_session_pet_lr_ratio: Optional[float] = None
+    # stage-1 loss over this session's classes (code) or all seen
+    ce_scope: str = field(default="session", metadata=_choices("session", "seen"))
     alpha: float = 1.0  # weight of cross-entropy (SLCA++ symmetric CE: 0.5)
     beta: float = 0.0  # weight of reverse cross-entropy (SLCA++: 0.5; 0 = plain CE)
     rce_log_zero: float = -4.0  # log 0 in reverse CE (SCE paper's A; the SLCA++ code clamps at log 1e-4)
@@ -137,11 +139,14 @@ class SLCAConfig:
     ca_batch_size: int = 256
     ca_lr: float = 0.01  # SGD lr of the alignment (cosine decay over ca_epochs)
     tau: float = 0.1  # logit-normalisation temperature; 0 disables logit normalisation
-    logit_norm: str = field(default="session", metadata=_choices("session", "global"))  # ||l||: mean of per-session norms (code) or global (paper)
-    cov_form: str = field(default="full", metadata=_choices("full", "diag", "lowrank", "shared"))  # class covariance used by the alignment
+    # ||l||: mean of per-session norms (code) or global (paper)
+    logit_norm: str = field(default="session", metadata=_choices("session", "global"))
+    # class covariance used by the alignment
+    cov_form: str = field(default="full", metadata=_choices("full", "diag", "lowrank", "shared"))
     cov_rank: int = 16  # rank r of the lowrank form
     cov_eps: float = 0.0001  # ridge added to every covariance when sampling (authors' code: 1e-4)
-    export_cov_form: str = field(default="lowrank", metadata=_choices("full", "diag", "lowrank", "shared"))  # statistics written to the bundle
+    # statistics written to the bundle
+    export_cov_form: str = field(default="lowrank", metadata=_choices("full", "diag", "lowrank", "shared"))
     export_cov_rank: int = 64  # rank of the exported lowrank form (within 0.5 point of full on the quick protocol)
 
 

@@ -161,7 +161,8 @@ def _preallocate(path: Path) -> None:
                 raise
 
 
-def _cache_build(folder: Path, key: str, shape: tuple, meta: dict, fill: Callable[[Path, np.ndarray], None]) -> np.memmap:
+def _cache_build(folder: Path, key: str, shape: tuple, meta: dict,
+                 fill: Callable[[Path, np.ndarray], None]) -> np.memmap:
     """Create the cache entry: ``fill(tmp_path, out)`` writes every row of the uint8 ``out``
     memmap; the files are then moved into place atomically. Returns the read-only memmap."""
     _remove_stale_tmp(folder, key)
@@ -246,7 +247,8 @@ def _decode_error(path: str, reason: str) -> EdgeclError:
     return EdgeclError(f"cannot decode image {path}: {reason}; delete or replace it")
 
 
-def _decode_all(paths: list, npy_path: Path, out: np.ndarray, size: int, workers: int, progress: bool, desc: str) -> None:
+def _decode_all(paths: list, npy_path: Path, out: np.ndarray, size: int, workers: int, progress: bool,
+                desc: str) -> None:
     """Decode ``paths`` into ``out`` (the memmap stored at ``npy_path``), with a process pool
     of ``workers`` (in-process when ``workers <= 1`` or there are few images)."""
     from tqdm.auto import tqdm
@@ -291,7 +293,8 @@ def _check_dir(root, what: str) -> Path:
     if not path.exists():
         raise EdgeclError(f"data path {path} does not exist ({what})")
     if not path.is_dir():
-        raise EdgeclError(f"data path {path} is not a directory ({what}); give an ImageFolder root: DIR/<class>/<images>")
+        raise EdgeclError(f"data path {path} is not a directory ({what}); "
+                          "give an ImageFolder root: DIR/<class>/<images>")
     return path
 
 
@@ -410,7 +413,8 @@ def _load_imagefolder_pair(cfg: "DataConfig", progress: bool) -> tuple:
     elif (root / "train").is_dir():
         train_dir, val_dir, val_what = root / "train", root / "val", "--data"
         if not val_dir.is_dir():
-            raise EdgeclError(f"data path {root} has train/ but no val/ sub-folder; add {val_dir} or pass --val-data DIR")
+            raise EdgeclError(f"data path {root} has train/ but no val/ sub-folder; "
+                              f"add {val_dir} or pass --val-data DIR")
     else:
         raise EdgeclError(
             f"data path {root} has no train/ sub-folder (--data); give either a root with train/<class>/ and "
@@ -430,7 +434,8 @@ def _raise_class_mismatch(train_names: list, val_names: list, train_dir: Path, v
         return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
     missing, extra = set(train_names) - set(val_names), set(val_names) - set(train_names)
-    parts = ([f"missing in val: {few(missing)}"] if missing else []) + ([f"not in train: {few(extra)}"] if extra else [])
+    parts = (([f"missing in val: {few(missing)}"] if missing else [])
+             + ([f"not in train: {few(extra)}"] if extra else []))
     raise EdgeclError(
         f"val classes in {val_dir} differ from train classes in {train_dir} ({'; '.join(parts)}); "
         "the val folder (--val-data, or val/ under --data) must have the same class folders as train"
@@ -501,7 +506,8 @@ def _cifar_split(root: Path, train: bool, size: int, per_class: Optional[int], c
         for s in tqdm(range(0, len(data), step), desc=f"resizing cifar100 {split}", disable=None if progress else True):
             x = torch.from_numpy(data[s:s + step]).permute(0, 3, 1, 2).float()
             if x.shape[-1] != size:
-                x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=size < x.shape[-1])
+                x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+                                  antialias=size < x.shape[-1])
             out[s:s + step] = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
     meta = {"source": "cifar100", "root": str(root), "size": size, "class_names": list(ds.classes),
@@ -659,8 +665,8 @@ def augment_batch(x: "torch.Tensor", *, crop_scale=(0.5, 1.0), ratio=(3 / 4, 4 /
                   generator: Optional["torch.Generator"] = None) -> "torch.Tensor":
     """Random-resized-crop (area fraction in ``crop_scale``, aspect ratio in ``ratio``) and a
     random horizontal flip for a whole NHWC batch: one affine sampling grid and one bilinear
-    ``grid_sample`` call, no per-image loop. Output has the input's NHWC shape, dtype (uint8 in -> rounded uint8 out) and
-    device; it is a channels-last view (``out.permute(0, 3, 1, 2)`` is contiguous NCHW, which
+    ``grid_sample`` call, no per-image loop. Output has the input's NHWC shape, dtype (uint8 in -> rounded uint8 out)
+    and device; it is a channels-last view (``out.permute(0, 3, 1, 2)`` is contiguous NCHW, which
     is what :class:`~edgecl.backbones.Normalize` makes of it), so call ``.contiguous()`` before
     ``.view()``.
 

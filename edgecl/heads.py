@@ -93,7 +93,8 @@ class RanPACHead:
         self.Q = torch.zeros(width, 0, dtype=torch.float64)
         self.G_hold = torch.zeros_like(self.G)
         self.Q_hold = torch.zeros_like(self.Q)
-        self.counts = torch.zeros(0, dtype=torch.float64)  # samples per class (the device's enrollment balances by them)
+        # samples per class (the device's enrollment balances by them)
+        self.counts = torch.zeros(0, dtype=torch.float64)
         self.lam: Optional[float] = None
         self.W: Optional[torch.Tensor] = None
 
@@ -191,7 +192,8 @@ class RanPACHead:
     def load_state(self, state: dict) -> None:
         self.G, self.Q, self.W = state["G"].double(), state["Q"].double(), state["W"].float()
         self.lam = float(state["lambda"])
-        self.counts = state["counts"].double() if "counts" in state else torch.zeros(self.Q.shape[1], dtype=torch.float64)
+        self.counts = (state["counts"].double() if "counts" in state
+                       else torch.zeros(self.Q.shape[1], dtype=torch.float64))
         if "W_rand" in state:
             self.W_rand = state["W_rand"].float()
         self.G_hold = torch.zeros_like(self.G)

@@ -243,8 +243,8 @@ _PET_TYPES = (SSF, LoRA, Adapter, DeepVPT)
 
 def _arch(model: nn.Module) -> str:
     from timm.models.efficientnet import EfficientNet
-    from timm.models.vision_transformer import VisionTransformer
     from timm.models.mobilenetv3 import MobileNetV3
+    from timm.models.vision_transformer import VisionTransformer
     if isinstance(model, VisionTransformer):
         return "vit"
     if isinstance(model, (EfficientNet, MobileNetV3)):
@@ -376,7 +376,7 @@ def _trainable_named(model: nn.Module, cfg: PETConfig | None = None) -> list:
     cfg = cfg if cfg is not None else getattr(model, "_edgecl_pet_cfg", None) or PETConfig(kinds=[])
     head = _classifier_ids(model)
     ids = set()
-    for name, m in model.named_modules():
+    for _name, m in model.named_modules():
         if isinstance(m, _PET_TYPES):
             ids.update(id(p) for _, p in m.pet_named_parameters())
         elif id(m) in head:

@@ -49,7 +49,8 @@ def train(cfg: Config, out: str, progress: bool = True, log: Callable = print) -
     backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights, **cfg.backbone.kwargs)
     learner = cls(cfg, backbone)
     log(f"edgecl train: {cfg.method} on {cfg.backbone.name} ({learner.device}), "
-        f"{len(scenario.sessions)} sessions, {len(train_set)} train / {len(val_set)} val images at {cfg.data.input_size}px")
+        f"{len(scenario.sessions)} sessions, {len(train_set)} train / {len(val_set)} val images "
+        f"at {cfg.data.input_size}px")
 
     def report(t, accs):
         extra = "".join(f"  {k} {v:.2f}" for k, v in accs.items() if k != "main")

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 
-
 def torch_features(learner, images_rgb: np.ndarray, batch: int = 64) -> dict:
     out = {n: [] for n in learner.feature_models()}
     with torch.no_grad():

@@ -91,7 +91,8 @@ def quantize_qdq(fp32_path, out_path, frames, cache_dir, method: str = "minmax",
             ranges.write_bytes(hit.read_bytes())
         exclude = stem_nodes(pre)
         u8_weights = cpu_weights == "u8" and not symmetric_activations
-        kwargs = dict(nodes_to_exclude=exclude, op_types_to_quantize=op_types, quant_format=QuantFormat.QDQ, per_channel=True,
+        kwargs = dict(nodes_to_exclude=exclude, op_types_to_quantize=op_types, quant_format=QuantFormat.QDQ,
+                      per_channel=True,
                       reduce_range=cpu_weights == "s8-7bit" and not symmetric_activations,
                       activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
                       weight_type=QuantType.QUInt8 if u8_weights else QuantType.QInt8,

@@ -22,7 +22,8 @@ from edgecl.backbones import (
 )
 from edgecl.errors import EdgeclError
 
-TINY = Path(os.environ.get("EDGECL_TINY_IMAGENET", Path(__file__).resolve().parents[2] / "shared/data/tiny-imagenet-100"))
+TINY = Path(os.environ.get("EDGECL_TINY_IMAGENET",
+                          Path(__file__).resolve().parents[2] / "shared/data/tiny-imagenet-100"))
 HALF = (0.5, 0.5, 0.5)
 
 
@@ -210,7 +211,8 @@ def test_normalize_arithmetic_and_layout():
     x = torch.randint(0, 256, (2, 4, 5, 3), dtype=torch.uint8)
     y = Normalize(mean, std)(x)
     assert y.shape == (2, 3, 4, 5) and y.dtype == torch.float32
-    ref = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    ref = ((x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1))
+           / torch.tensor(std).view(1, 3, 1, 1))
     assert torch.allclose(y, ref, atol=1e-5)
     white = Normalize(HALF, HALF)(torch.full((1, 1, 1, 3), 255, dtype=torch.uint8))
     black = Normalize(HALF, HALF)(torch.zeros((1, 1, 1, 3), dtype=torch.uint8))

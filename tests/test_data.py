@@ -242,7 +242,8 @@ def test_load_dataset_layouts(tmp_path, cache):
     train, val = load_dataset(cfg, progress=False)
     assert (len(train), len(val)) == (8, 4) and train.class_names == val.class_names == ["cat", "dog"]
 
-    cfg2 = DataConfig(root=str(root / "train"), val_root=str(root / "val"), input_size=8, cache_dir=str(cache), workers=1)
+    cfg2 = DataConfig(root=str(root / "train"), val_root=str(root / "val"), input_size=8, cache_dir=str(cache),
+                      workers=1)
     train2, val2 = load_dataset(cfg2, progress=False)
     assert (len(train2), len(val2)) == (10, 6)
 
@@ -326,7 +327,8 @@ def test_augment_identity_and_flip():
     same = augment_batch(x, crop_scale=(1.0, 1.0), hflip=False, generator=torch.Generator().manual_seed(0))
     assert torch.equal(same, x)
     # flip every image: draw until the flip coin says so is random; instead check the flipped set
-    outs = [augment_batch(x, crop_scale=(1.0, 1.0), hflip=True, generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    outs = [augment_batch(x, crop_scale=(1.0, 1.0), hflip=True, generator=torch.Generator().manual_seed(s))
+            for s in range(6)]
     flipped = x.flip(2)
     for out in outs:
         for i in range(len(x)):
@@ -339,7 +341,8 @@ def test_augment_crop_zooms_in():
     # a horizontal ramp: a crop of area 1/4 spans about half the columns' range
     ramp = torch.linspace(0, 255, 64).round().to(torch.uint8)
     x = ramp.view(1, 1, 64, 1).expand(16, 64, 64, 3).contiguous()
-    out = augment_batch(x, crop_scale=(0.25, 0.25), ratio=(1.0, 1.0), hflip=False, generator=torch.Generator().manual_seed(1))
+    out = augment_batch(x, crop_scale=(0.25, 0.25), ratio=(1.0, 1.0), hflip=False,
+                        generator=torch.Generator().manual_seed(1))
     span = out[:, 0, -1, 0].float() - out[:, 0, 0, 0].float()
     assert torch.allclose(span, torch.full_like(span, 0.5 * 252), atol=8)
 

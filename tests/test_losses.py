@@ -3,13 +3,18 @@
 import math
 
 import numpy as np
-
 import pytest
 import torch
 from torch import nn
 
-from edgecl.losses import (cross_classification_loss, cross_correlation, entropy, entropy_aggregate,
-                           feature_alignment_loss, transfer_loss)
+from edgecl.losses import (
+    cross_classification_loss,
+    cross_correlation,
+    entropy,
+    entropy_aggregate,
+    feature_alignment_loss,
+    transfer_loss,
+)
 
 
 def test_cross_correlation_batch_standardised_by_hand():

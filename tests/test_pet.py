@@ -11,10 +11,19 @@ from torch import nn
 from edgecl.config import PETConfig
 from edgecl.errors import EdgeclError
 from edgecl.pet import (
-    LoRA, SSF, Adapter, DeepVPT, count_parameters, fold_pet, freeze_for_pet, inject_pet,
-    load_pet_state_dict, pet_parameters, pet_state_dict, set_pet_train_mode,
+    SSF,
+    Adapter,
+    DeepVPT,
+    LoRA,
+    count_parameters,
+    fold_pet,
+    freeze_for_pet,
+    inject_pet,
+    load_pet_state_dict,
+    pet_parameters,
+    pet_state_dict,
+    set_pet_train_mode,
 )
-
 
 VIT_KINDS = [["ssf"], ["lora"], ["adapter"], ["vpt"], ["ssf", "lora"], ["ssf", "lora", "adapter", "vpt"]]
 CNN_KINDS = [["ssf"], ["lora"], ["adapter"], ["ssf", "lora"], ["ssf", "lora", "adapter"]]
@@ -255,7 +264,8 @@ def test_unknown_architecture_by_module_type():
         inject_pet(nn.Sequential(nn.Conv2d(3, 8, 3)), PETConfig(kinds=["lora"]))
 
 
-@pytest.mark.parametrize("arch,kinds", [("vit", ["ssf", "lora", "adapter", "vpt"]), ("cnn", ["ssf", "lora", "adapter"])])
+@pytest.mark.parametrize("arch,kinds", [("vit", ["ssf", "lora", "adapter", "vpt"]),
+                                        ("cnn", ["ssf", "lora", "adapter"])])
 def test_sgd_steps_change_only_pet_parameters(arch, kinds):
     model = ARCHS[arch][0]()
     inject_pet(model, PETConfig(kinds=kinds))

@@ -5,13 +5,13 @@ entropy-weighted mix of the two heads."""
 import numpy as np
 import pytest
 import torch
+from test_train import blob_images
 
 from edgecl import pet as petlib
 from edgecl.backbones import create_backbone
 from edgecl.config import resolve_config
 from edgecl.learners.safe import SAFE
 from edgecl.losses import entropy_aggregate
-from test_train import blob_images
 
 
 def _images(classes, n=8, seed=0):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_train import TINY, make_imagefolder
+from test_train import TINY, blob_images, make_imagefolder
 
 from edgecl import pet as petlib
 from edgecl.backbones import create_backbone
@@ -23,7 +23,6 @@ from edgecl.losses import (
     reverse_cross_entropy,
     symmetric_cross_entropy,
 )
-from test_train import blob_images
 
 # ----------------------------------------------------------------------------- loss pins
 
@@ -37,9 +36,11 @@ def test_symmetric_cross_entropy_by_hand():
     assert terms["ce"].item() == pytest.approx(0.5 * 0.836988, abs=1e-5)
     assert terms["rce"].item() == pytest.approx(0.25 * 2.0, abs=1e-6)
     # the SLCA++ code's clamp of the one-hot at 1e-4: A = ln 1e-4 = -9.21034
-    assert reverse_cross_entropy(logits[:1], y[:1], log_zero=math.log(1e-4)).item() == pytest.approx(0.25 * 9.21034, abs=1e-4)
+    assert (reverse_cross_entropy(logits[:1], y[:1], log_zero=math.log(1e-4)).item()
+            == pytest.approx(0.25 * 9.21034, abs=1e-4))
     # p is clamped at 1e-7 (as the code): a saturated correct prediction still costs 4e-7
-    assert reverse_cross_entropy(torch.tensor([[0.0, 100.0]]), torch.tensor([1])).item() == pytest.approx(4e-7, rel=1e-3)
+    assert (reverse_cross_entropy(torch.tensor([[0.0, 100.0]]), torch.tensor([1])).item()
+            == pytest.approx(4e-7, rel=1e-3))
     # beta = 0: plain cross-entropy, no rce term
     assert set(symmetric_cross_entropy(logits, y, 1.0, 0.0)) == {"ce"}
 
@@ -63,7 +64,8 @@ def _images(classes, n=8, seed=0):
 
 def _learner(method, **slca):
     cfg = resolve_config(method, overrides={
-        "backbone": {"name": "vit_tiny_patch16_224", "weights": "random", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}},
+        "backbone": {"name": "vit_tiny_patch16_224", "weights": "random",
+                     "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}},
         "data": {"input_size": 32}, "train": {"epochs": 1, "batch_size": 8, "device": "cpu"},
         "slca": {"ca_samples_per_class": 32, **slca}})
     torch.manual_seed(0)

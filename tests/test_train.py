@@ -126,7 +126,8 @@ def test_user_errors_are_one_line(folder, tmp_path):
     # a corrupt image names the file
     bad = folder / "train" / "class1" / "zz_broken.png"
     bad.write_bytes(b"not an image at all")
-    one_line_error(invoke(["train", "--data", str(folder), "--method", "simplecil", "--out", out, *TINY]), "zz_broken.png")
+    one_line_error(invoke(["train", "--data", str(folder), "--method", "simplecil", "--out", out, *TINY]),
+                   "zz_broken.png")
     bad.unlink()
     # an empty class folder names the folder
     (folder / "train" / "class9").mkdir()
@@ -135,8 +136,11 @@ def test_user_errors_are_one_line(folder, tmp_path):
     (folder / "train" / "class9").rmdir()
     (folder / "val" / "class9").rmdir()
     # a missing data path, an unknown method, an unknown backbone
-    one_line_error(invoke(["train", "--data", str(tmp_path / "nowhere"), "--method", "simplecil", "--out", out]), "nowhere", "--data")
-    one_line_error(invoke(["train", "--data", str(folder), "--method", "simplecli", "--out", out]), "unknown method 'simplecli'")
+    one_line_error(invoke(["train", "--data", str(tmp_path / "nowhere"), "--method", "simplecil", "--out", out]),
+                   "nowhere", "--data")
+    one_line_error(invoke(["train", "--data", str(folder), "--method", "simplecli", "--out", out]),
+                   "unknown method 'simplecli'")
     one_line_error(invoke(["train", "--data", str(folder), "--method", "simplecil", "--backbone", "effnet_lite9",
                            "--out", out, "--no-progress"]), "effnet_lite9", "--backbone")
-    one_line_error(invoke(["train", "--data", str(folder), "--method", "simplecil", "--profile", "huge", "--out", out]), "huge")
+    one_line_error(invoke(["train", "--data", str(folder), "--method", "simplecil", "--profile", "huge",
+                           "--out", out]), "huge")

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import pet as petlib
 from ..backbones import Backbone, Normalize
 from ..config import Config
 from ..data import ImageSet, Scenario, augment_batch, iterate_batches
 from ..metrics import SessionMetrics
-from .. import pet as petlib
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,7 +160,8 @@ class Learner:
                 x = augment_batch(x, crop_scale=tuple(tc.crop_scale), hflip=tc.hflip, generator=gen)
                 x = self.prepare(x.to(self.device))
                 y = labels[idx].to(self.device)
-                scale = (step_i + 1) / warm if step_i < warm else 0.5 * (1 + math.cos(math.pi * (step_i - warm) / max(1, total - warm)))
+                scale = ((step_i + 1) / warm if step_i < warm
+                         else 0.5 * (1 + math.cos(math.pi * (step_i - warm) / max(1, total - warm))))
                 for g, lr in zip(opt.param_groups, base_lrs):
                     g["lr"] = lr * scale
                 terms = step(x, y)

@@ -110,7 +110,8 @@ class SAFE(Learner):
                 f_s = self.slow(x)
             terms = {"ce": F.cross_entropy(self.fast_cls(f_f), y)}
             if sc.lambda_cc:
-                terms["cc"] = sc.lambda_cc * cross_classification_loss(self.fast_cls, self.slow_cls, f_f, f_s, y, num_old)
+                terms["cc"] = sc.lambda_cc * cross_classification_loss(self.fast_cls, self.slow_cls, f_f, f_s, y,
+                                                                       num_old)
             if sc.lambda_cos:
                 terms["cos"] = sc.lambda_cos * feature_alignment_loss(f_f, f_s)
             return terms
@@ -170,13 +171,16 @@ class SAFE(Learner):
         for name, model, head, cls_attr in (("slow", self.slow, self.slow_head, "slow_cls"),
                                             ("fast", self.fast, self.fast_head, "fast_cls")):
             prefix = f"{name}."
-            petlib.load_pet_state_dict(model.model, {k[len(prefix):]: v for k, v in tensors["pet"].items() if k.startswith(prefix)})
+            petlib.load_pet_state_dict(model.model, {k[len(prefix):]: v for k, v in tensors["pet"].items()
+                                                     if k.startswith(prefix)})
             model.eval()
             prefix = f"{name}.ranpac."
-            state = {k[len(prefix):]: v for part in ("heads", "stats") for k, v in tensors[part].items() if k.startswith(prefix)}
+            state = {k[len(prefix):]: v for part in ("heads", "stats") for k, v in tensors[part].items()
+                     if k.startswith(prefix)}
             head.load_state(state)
             cls = CosineHead(self.ptm.feature_dim, tensors["heads"][f"{name}_cls.weight"].shape[0])
-            cls.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors["heads"].items() if k.startswith(f"{name}_cls.")})
+            cls.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors["heads"].items()
+                                 if k.startswith(f"{name}_cls.")})
             setattr(self, cls_attr, cls.to(self.device))
             self.bump(name)
         self.num_seen = self.slow_head.num_classes

@@ -114,9 +114,9 @@ class SLCA(Learner):
         try:  # fail before training when the bundle's statistics could not be written
             self.stats.convert(sc.export_cov_form, sc.export_cov_rank)
         except ClassStatsError:
-            raise EdgeclError(f"slca.export_cov_form {sc.export_cov_form} (rank {sc.export_cov_rank}) cannot be derived "
-                              f"from slca.cov_form {sc.cov_form} (rank {sc.cov_rank}); set slca.cov_form: full "
-                              f"or export the training form") from None
+            raise EdgeclError(f"slca.export_cov_form {sc.export_cov_form} (rank {sc.export_cov_rank}) cannot be "
+                              f"derived from slca.cov_form {sc.cov_form} (rank {sc.cov_rank}); set slca.cov_form: "
+                              f"full or export the training form") from None
         self.volatile = {"model"}
         self.history: dict = {}
 
@@ -126,7 +126,8 @@ class SLCA(Learner):
         LoRA in session 1 at head_lr * first_session_pet_lr_ratio when that is set (SLCA++ code)."""
         tc, sc = self.cfg.train, self.cfg.slca
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        lora_ids = {id(p) for m in self.model.modules() if isinstance(m, petlib.LoRA) for _, p in m.pet_named_parameters()}
+        lora_ids = {id(p) for m in self.model.modules() if isinstance(m, petlib.LoRA)
+                    for _, p in m.pet_named_parameters()}
         ratio_first = sc.first_session_pet_lr_ratio
         lora_ratio = ratio_first if (t == 0 and ratio_first is not None) else sc.backbone_lr_ratio
         groups = [{"params": list(head.parameters()), "lr": tc.head_lr}]
@@ -154,7 +155,8 @@ class SLCA(Learner):
             for p in self.head.parameters():
                 p.requires_grad_(True)
         groups = self._param_groups(t, head_params)
-        self.history[f"session_{t + 1}"] = self.fit(groups, train, tc.epochs, step, desc=f"session {t + 1}: {self.name}",
+        self.history[f"session_{t + 1}"] = self.fit(groups, train, tc.epochs, step,
+                                                    desc=f"session {t + 1}: {self.name}",
                                                     modules=(self.model.model,))
         for p in self.head.parameters():
             p.requires_grad_(False)
@@ -250,7 +252,8 @@ class SLCA(Learner):
     def meta(self):
         sc = self.cfg.slca
         return {**super().meta(), "feature_dim": self.ptm.feature_dim, "head": "linear",
-                "linear": {"logits": "f @ weight.T + bias", "blocks": self.head.blocks, "aligned": self.aligned is not None},
+                "linear": {"logits": "f @ weight.T + bias", "blocks": self.head.blocks,
+                           "aligned": self.aligned is not None},
                 "classstats": {"form": sc.export_cov_form, "rank": sc.export_cov_rank, "eps": sc.cov_eps,
                                "bytes_per_class": ClassStats(self.ptm.feature_dim, sc.export_cov_form,
                                                              sc.export_cov_rank).bytes_per_class()},
@@ -265,10 +268,14 @@ class SLCA(Learner):
             self.model.model.load_state_dict(tensors["finetuned"])
         self.model.eval()
         self.bump("model")
-        pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors["heads"].items() if k.startswith(prefix)}
+
+        def pick(prefix):
+            return {k[len(prefix):]: v for k, v in tensors["heads"].items() if k.startswith(prefix)}
         self.head = SessionLinear.from_export(pick("stage1.")).to(self.device)
-        self.aligned = SessionLinear.from_export(pick("linear.")).to(self.device) if meta.get("linear", {}).get("aligned") else None
-        stats = {k[len("classstats."):]: v.numpy() for k, v in tensors.get("stats", {}).items() if k.startswith("classstats.")}
+        self.aligned = (SessionLinear.from_export(pick("linear.")).to(self.device)
+                        if meta.get("linear", {}).get("aligned") else None)
+        stats = {k[len("classstats."):]: v.numpy() for k, v in tensors.get("stats", {}).items()
+                 if k.startswith("classstats.")}
         if stats:
             self.stats = ClassStats.from_state(stats)
         self.num_seen = self.head.num_classes
