@@ -38,7 +38,6 @@ def latencies_ms(paths: dict, batch: int, size: int, threads: int, rounds: int =
 def bare_graph(bundle, path, size) -> None:
     """The bundle's backbone without PET, exported the same way."""
     from edgecl.export.graph import ExportGraph, export_onnx, static_same_padding
-
     from edgecl.train import load_learner
 
     learner, m = load_learner(str(bundle))
@@ -59,7 +58,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-eval", action="store_true")
     a = ap.parse_args()
-    from edgecl.export.evaluate import evaluate_engine_dir
+    from edgecl.device.evaluate import evaluate_engine_dir
     from edgecl.export.exporter import export_bundle
 
     out = Path(a.out)

@@ -1,4 +1,4 @@
-"""The quick protocol (DESIGN.md) for several methods and seeds, as one table.
+"""The quick protocol (docs/DESIGN.md) for several methods and seeds, as one table.
 
     python benchmarks/quick_protocol.py --data ../shared/data/tiny-imagenet-100 \
         --methods simplecil ranpac --seeds 1993 --repeat 2 --out runs/quick
@@ -17,7 +17,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
 
 # settings that do not change what a run learns
 _NOT_RECIPE = {"data": ("cache_dir", "workers"), "train": ("device", "threads")}
@@ -86,7 +85,8 @@ def main(argv=None) -> int:
                 print(f"{method} seed {seed} run {r + 1}: A_last {m['A_last']:.2f} A_avg {m['A_avg']:.2f} "
                       f"({m['wall_s']:.0f} s)", file=sys.stderr, flush=True)
             same = all(x["accuracy"] == runs[0]["accuracy"] for x in runs)
-            results.append({"method": method, "seed": seed, "runs": runs, "reproducible": same if args.repeat > 1 else None})
+            results.append({"method": method, "seed": seed, "runs": runs,
+                            "reproducible": same if args.repeat > 1 else None})
 
     lines = ["| method | seed | A_last | A_avg | forgetting | wall time (s) | same numbers on repeat |",
              "|---|---|---|---|---|---|---|"]
@@ -94,7 +94,8 @@ def main(argv=None) -> int:
         m = r["runs"][0]
         rep = {None: "-", True: f"yes ({len(r['runs'])} runs)", False: "NO"}[r["reproducible"]]
         times = "/".join(f"{x['wall_s']:.0f}" for x in r["runs"])
-        lines.append(f"| {r['method']} | {r['seed']} | {m['A_last']:.2f} | {m['A_avg']:.2f} | {m['forgetting']:.2f} | {times} | {rep} |")
+        lines.append(f"| {r['method']} | {r['seed']} | {m['A_last']:.2f} | {m['A_avg']:.2f} | {m['forgetting']:.2f} | "
+                     f"{times} | {rep} |")
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)

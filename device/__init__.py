@@ -1,1 +1,1 @@
-"""edgecl.device (see DESIGN.md)."""
+"""edgecl.device: the torch-free device runtime (docs/DESIGN.md, docs/DEVICE.md)."""

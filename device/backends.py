@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from edgecl.errors import EdgeclError
+from edgecl.extras import require
 
 ORT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 CHOICES = ("auto", "trt", "ort", "ort-trt", "ort-cuda", "ort-cpu")
@@ -29,6 +30,7 @@ class Backend:
     """``infer(frames)`` -> {learner: float32 [N, d]}; ``name`` says what runs."""
 
     name = "backend"
+    model = ""  # the file that runs (set by open_backend)
     input_size: int = 0
 
     def check_frames(self, frames: np.ndarray) -> np.ndarray:
@@ -37,8 +39,8 @@ class Backend:
         if frames.ndim == 3:
             frames = frames[None]
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (s, s, 3):
-            raise EdgeclError(f"frame of shape {tuple(frames.shape)} ({frames.dtype}) does not fit the engine: it takes "
-                              f"uint8 BGR frames of {s}x{s}x3 (resize with edgecl.device.runtime.fit_frame)")
+            raise EdgeclError(f"frame of shape {tuple(frames.shape)} ({frames.dtype}) does not fit the engine: it "
+                              f"takes uint8 BGR frames of {s}x{s}x3 (resize with edgecl.device.runtime.fit_frame)")
         return np.ascontiguousarray(frames)
 
     def infer(self, frames: np.ndarray) -> dict:
@@ -92,7 +94,8 @@ class OrtBackend(Backend):
                 self.outputs.update({f"{ln}:h": f"projected_{ln}" for ln in projections})
             self.session = ort.InferenceSession(model, so, providers=chosen)
         except Exception as exc:  # noqa: BLE001 - a broken model file: one line
-            raise EdgeclError(f"ONNX Runtime cannot load {onnx_path}: {str(exc).splitlines()[0]}; re-run edgecl export") from None
+            raise EdgeclError(f"ONNX Runtime cannot load {onnx_path}: {str(exc).splitlines()[0]}; "
+                              f"re-run edgecl export") from None
         self.input_name = self.session.get_inputs()[0].name
         self.providers = self.session.get_providers()
         self.projected = blob is not None
@@ -232,9 +235,9 @@ class TensorRTBackend(Backend):
         return host
 
 
-def matching_plan(engine_dir, manifest: dict, trt_version: str | None) -> str | None:
+def matching_plan(engine_dir, manifest: dict, trt_version: str | None, precision: str | None = None) -> str | None:
     """The manifest's TensorRT plan built from this engine's ONNX (hash in its name/entry) for
-    this TensorRT version; the best precision first (int8, fp16, fp32)."""
+    this TensorRT version (and ``precision`` when given); the best precision first (int8, fp16, fp32)."""
     files = manifest.get("files", {})
     rank = {"int8": 0, "fp16": 1, "fp32": 2}
     found = []
@@ -243,14 +246,16 @@ def matching_plan(engine_dir, manifest: dict, trt_version: str | None) -> str | 
         sha = files.get(onnx)
         name = e.get("file", "")
         if sha and sha[:12] in name and (trt_version is None or e.get("tensorrt") == trt_version) \
-                and (Path(engine_dir) / name).is_file():
+                and (precision is None or e.get("precision") == precision) and (Path(engine_dir) / name).is_file():
             found.append((rank.get(e.get("precision"), 3), name))
     return min(found)[1] if found else None
 
 
 def open_backend(engine_dir, manifest: dict, choice: str = "auto", threads: int = 0, log: Callable = print,
-                 projections: dict | None = None) -> Backend:
-    """The backend for ``--backend CHOICE`` (module docstring); logs what was chosen."""
+                 projections: dict | None = None, precision: str | None = None) -> Backend:
+    """The backend for ``--backend CHOICE`` (module docstring); logs what was chosen. ``precision``
+    picks the model of that precision (default: the one the export was made for); ``backend.model``
+    names the file that runs."""
     from .engine_dir import model_file
 
     if choice not in CHOICES:
@@ -262,18 +267,22 @@ def open_backend(engine_dir, manifest: dict, choice: str = "auto", threads: int 
             import tensorrt as trt
         except ImportError:
             trt = None
-        plan = matching_plan(engine_dir, manifest, trt.__version__ if trt is not None else None)
+        plan = matching_plan(engine_dir, manifest, trt.__version__ if trt is not None else None, precision)
         if trt is not None and plan is not None:
             backend = TensorRTBackend(Path(engine_dir) / plan, learners, size, manifest["input"]["name"],
                                       max_batch=int((manifest.get("batch_range") or [1, 1, 32])[2]), trt=trt)
+            backend.model = plan
             log(f"backend: {backend.name} (--backend {choice})")
             return backend
         if choice == "trt":
-            why = ("the tensorrt module is not installed" if trt is None else
-                   f"no plan for TensorRT {trt.__version__} built from this engine's ONNX is in {engine_dir}")
-            raise EdgeclError(f"--backend trt: {why}; build one with edgecl export BUNDLE --out {engine_dir} --trt "
+            if trt is None:
+                require("tensorrt", "--backend trt", hint="or use --backend ort")
+            raise EdgeclError(f"--backend trt: no plan for TensorRT {trt.__version__} built from this engine's ONNX is "
+                              f"in {engine_dir}; build one with edgecl export BUNDLE --out {engine_dir} --trt "
                               f"(or the trtexec command in the manifest), or use --backend ort")
     providers = {"ort-trt": ORT_PROVIDERS[:1], "ort-cuda": ORT_PROVIDERS[1:2], "ort-cpu": ORT_PROVIDERS[2:]}.get(choice)
-    backend = OrtBackend(Path(engine_dir) / model_file(manifest), learners, size, providers, threads, projections)
+    onnx_file = model_file(manifest, precision)
+    backend = OrtBackend(Path(engine_dir) / onnx_file, learners, size, providers, threads, projections)
+    backend.model = onnx_file
     log(f"backend: {backend.name} (--backend {choice})")
     return backend

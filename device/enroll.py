@@ -122,12 +122,11 @@ class ClassHeads:
         self.engine_dir, self.manifest, self.log = Path(engine_dir), manifest, log
         self.refactor_every = refactor_every
         self.learners = {ln: info["head"] for ln, info in manifest["learners"].items()}
-        unsupported = {ln: k for ln, k in self.learners.items() if k not in ("ranpac", "prototypes")}
+        unsupported = {ln: k for ln, k in self.learners.items() if k not in ("ranpac", "prototypes", "linear")}
         if unsupported:
             ln, kind = next(iter(unsupported.items()))
-            raise EdgeclError(f"engine directory {engine_dir}: learner {ln!r} has a {kind!r} head (SLCA / SLCA++), "
-                              f"which the device runtime cannot run or enroll into yet (it runs RanPAC, SAFE and "
-                              f"SimpleCIL engines); evaluate it with edgecl eval {engine_dir} --data DIR")
+            raise EdgeclError(f"engine directory {engine_dir}: learner {ln!r} has a {kind!r} head, which this edgecl "
+                              f"cannot run; re-export the bundle with this edgecl")
         self.tensors = load_tensors(engine_dir, manifest, "heads")
         self.W_rand = {ln: (None if t.get("ranpac.W_rand") is None else np.asarray(t["ranpac.W_rand"], np.float32))
                        for ln, t in self.tensors.items()}
@@ -157,6 +156,8 @@ class ClassHeads:
             return int(t["ranpac.W_rand"].shape[1])
         if "ranpac.W" in t:
             return int(t["ranpac.W"].shape[0])
+        if "linear.weight" in t:
+            return int(t["linear.weight"].shape[1])
         return int(t["prototypes.sums"].shape[1])
 
     @property
@@ -246,10 +247,22 @@ class ClassHeads:
         for ln, kind in self.learners.items():
             if kind == "ranpac":
                 out[ln] = inputs[ln] @ self.W[ln]
+            elif kind == "linear":
+                weight, bias = self._linear(ln)
+                out[ln] = inputs[ln] @ weight.T + bias
             else:
                 sums, counts = self._prototypes(ln)
                 out[ln] = prototype_logits(inputs[ln], sums, counts)
         return out
+
+    def _linear(self, ln: str) -> tuple:
+        """(weight [C, d], bias [C]) of the current classes (engine classes only: a linear head
+        cannot enroll yet, but its classes can be renamed and removed)."""
+        t = self.tensors[ln]
+        base = [c["base"] for c in self.state.classes]
+        bias = t.get("linear.bias")
+        return (np.asarray(t["linear.weight"], np.float32)[base],
+                np.zeros(len(base), np.float32) if bias is None else np.asarray(bias, np.float32)[base])
 
     def _prototypes(self, ln: str) -> tuple:
         key = (ln, len(self.state.row_uid), tuple(self.state.names))
@@ -271,6 +284,13 @@ class ClassHeads:
         return np.stack(sums), np.asarray(counts)
 
     # ----------------------------------------------------------------- learning
+    def check_enrollable(self) -> None:
+        """Refuse, before any work, an engine whose heads cannot take a new class."""
+        if "linear" in self.learners.values():
+            raise EdgeclError(f"engine directory {self.engine_dir} has a 'linear' head (SLCA / SLCA++): the device "
+                              f"runs it and can rename or remove its classes, but cannot enroll into it yet; "
+                              f"enroll on a RanPAC, SAFE or SimpleCIL engine")
+
     def enroll(self, name: str, rows: dict) -> dict:
         """Add ``rows`` ({learner: [k, width]} in the heads' input space, :meth:`head_inputs`) as
         class ``name`` (new, or more rows for an enrolled class). Returns ``update_ms`` (the
@@ -285,6 +305,7 @@ class ClassHeads:
             raise EdgeclError("no usable frames for enrollment (no features)")
         k = k.pop()
         st = self.state
+        self.check_enrollable()
         j = st.index(name)
         if j >= 0 and st.classes[j]["base"] is not None:
             raise EdgeclError(f"{name!r} is a class of the engine; enroll under another name (or --rename it first)")

@@ -73,7 +73,7 @@ class Runtime:
     """Open an engine directory for inference and enrollment (verifies the manifest hashes)."""
 
     def __init__(self, engine_dir, backend: str = "auto", store=None, threads: int = 0, policy=None,
-                 project_in_engine: bool = True, log: Callable = print):
+                 project_in_engine: bool = True, precision: str | None = None, log: Callable = print):
         self.engine_dir = Path(engine_dir)
         manifest = open_engine_dir(engine_dir)["manifest"]  # hashes verified, heads match classes.json
         self.manifest = manifest
@@ -81,7 +81,7 @@ class Runtime:
         self.aggregation = manifest.get("aggregation") or {}
         self.heads = ClassHeads(engine_dir, manifest, store, policy=policy, log=log)
         proj = {ln: W for ln, W in self.heads.W_rand.items() if W is not None} if project_in_engine else None
-        self.backend = open_backend(engine_dir, manifest, backend, threads, log, projections=proj)
+        self.backend = open_backend(engine_dir, manifest, backend, threads, log, projections=proj, precision=precision)
         self.log = log
 
     @property
@@ -115,6 +115,7 @@ class Runtime:
         """Augment fitted frames, extract features, update the heads (not yet committed)."""
         from .enroll import AVERAGE_VIEWS, DEFAULT_VIEWS, augment_views, view_rows
 
+        self.heads.check_enrollable()
         views = tuple(views or DEFAULT_VIEWS)
         average = AVERAGE_VIEWS if average_views is None else average_views
         t0 = time.perf_counter()

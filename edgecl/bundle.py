@@ -1,4 +1,4 @@
-"""The run bundle: a directory written atomically by ``edgecl train`` (DESIGN.md, "The run bundle").
+"""The run bundle: a directory written atomically by ``edgecl train`` (docs/DESIGN.md, "Artifact formats").
 
     manifest.json        format/version, backbone and its weights' hash, input size and
                          normalisation, class names and order, method, PET config, learner
@@ -80,7 +80,8 @@ def read_bundle(path: Path, verify: bool = True) -> tuple:
         if not file.is_file():
             raise EdgeclError(f"bundle {path} is incomplete: {name} is missing")
         if verify and sha256_file(file) != digest:
-            raise EdgeclError(f"bundle {path}: {name} does not match the manifest's hash; the bundle is damaged or was edited")
+            raise EdgeclError(f"bundle {path}: {name} does not match the manifest's hash; "
+                              "the bundle is damaged or was edited")
         if name.endswith(".safetensors"):
             tensors[name[: -len(".safetensors")]] = load_file(str(file))
     if "backbone" not in tensors:

@@ -8,6 +8,15 @@ import sys
 import click
 
 from .errors import EdgeclError
+from .extras import missing_message, require_all
+
+# what the commands import beyond the base install, checked before any work (edgecl/extras.py)
+LOAD_BUNDLE = ("torch", "torchvision", "timm")
+TRAIN = LOAD_BUNDLE + ("matplotlib",)
+EXPORT = LOAD_BUNDLE + ("onnx", "onnxruntime")
+ENGINE = ("onnxruntime",)
+DEVICE = ("cv2", "onnxruntime")
+DEMO = TRAIN + ("sklearn", "scipy", "onnx") + DEVICE
 
 
 class UserError(click.ClickException):
@@ -25,6 +34,11 @@ class Group(click.Group):
             return super().invoke(ctx)
         except EdgeclError as exc:
             raise UserError(str(exc)) from None
+        except ModuleNotFoundError as exc:  # an optional dependency the command's checks did not name
+            msg = missing_message(exc.name, f"edgecl {ctx.invoked_subcommand}")
+            if msg is None:
+                raise
+            raise UserError(msg) from None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,7 +52,8 @@ def cli():
 
 
 @cli.command()
-@click.option("--data", "data", help="ImageFolder root with train/ and val/ (or the download folder for --dataset cifar100|imagenet-r).")
+@click.option("--data", "data", help="ImageFolder root with train/ and val/ (or the download folder for "
+                                    "--dataset cifar100|imagenet-r).")
 @click.option("--val-data", help="A separate ImageFolder to evaluate on (then --data is the training folder).")
 @click.option("--dataset", type=str, help="imagefolder (default), cifar100 or imagenet-r.")
 @click.option("--method", required=True, help="simplecil, ranpac, safe, slca, slcapp or seqft.")
@@ -51,13 +66,16 @@ def cli():
 @click.option("--epochs", type=int, help="Override train.epochs.")
 @click.option("--device", help="auto, cpu or cuda[:N].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A YAML file of overrides.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set ranpac.M=2048.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key, e.g. --set ranpac.M=2048.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to write the run bundle.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train(data, val_data, dataset, method, profile, backbone, weights, pretrained, split, seed, epochs, device,
           config_file, sets, out, no_progress):
     """Train METHOD over class-incremental sessions and write a run bundle."""
     from .config import parse_set, resolve_config
+
+    require_all(TRAIN, "edgecl train")
 
     overrides = parse_set(sets)
 
@@ -94,20 +112,31 @@ def train(data, val_data, dataset, method, profile, backbone, weights, pretraine
 @click.option("--data", required=True, help="ImageFolder root (its SPLIT sub-folder is used when present).")
 @click.option("--split", default="val", show_default=True)
 @click.option("--per-class", type=int, help="First N images per class (default: as the bundle was evaluated).")
-@click.option("--precision", type=click.Choice(["fp32", "int8"]),
-              help="Engine directory only: which ONNX model to run (default: the one the export was made for).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Engine directory only: which model to run (default: the one the export was made for).")
+@click.option("--backend", help="Engine directory only: as for edgecl run (default auto).")
+@click.option("--store", type=click.Path(file_okay=False),
+              help="Engine directory only: the class-statistics store (default ENGINE_DIR/store).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(path, data, split, per_class, precision, as_json):
-    """Top-1 accuracy of a bundle (or engine directory) on an ImageFolder."""
+def eval_(path, data, split, per_class, precision, backend, store, as_json):
+    """Top-1 accuracy of a bundle (or engine directory) on an ImageFolder.
+
+    An engine directory is evaluated as the device predicts: the backend edgecl run takes,
+    the heads with the classes its store has enrolled, renamed or removed."""
     from .device.engine_dir import is_engine_dir
 
-    if is_engine_dir(path):  # an engine directory: ONNX Runtime + numpy heads, as on the device
-        from .export.evaluate import evaluate_engine_dir
+    if is_engine_dir(path):
+        require_all(ENGINE, "edgecl eval ENGINE_DIR")
+        from .device.evaluate import evaluate_engine_dir
 
-        result = evaluate_engine_dir(path, data, split, per_class, precision=precision, progress=not as_json)
+        result = evaluate_engine_dir(path, data, split, per_class, precision=precision, backend=backend or "auto",
+                                     store=store, progress=not as_json,
+                                     log=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
     else:
-        if precision:
-            raise EdgeclError(f"--precision applies to engine directories; {path} is a bundle")
+        for flag, value in (("--precision", precision), ("--backend", backend), ("--store", store)):
+            if value:
+                raise EdgeclError(f"{flag} applies to engine directories; {path} is a bundle")
+        require_all(LOAD_BUNDLE, "edgecl eval BUNDLE")
         from .train import evaluate
 
         result = evaluate(path, data, split, per_class, progress=not as_json)
@@ -122,9 +151,12 @@ def eval_(path, data, split, per_class, precision, as_json):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The engine directory to write.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="int8: ONNX Runtime QDQ model (and TensorRT INT8 with --trt); fp16 needs --trt.")
-@click.option("--calib-data", type=click.Path(), help="ImageFolder for INT8 calibration (default: the bundle's training data).")
-@click.option("--calib-count", type=int, default=256, show_default=True, help="Calibration images (round-robin over classes).")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--calib-data", type=click.Path(),
+              help="ImageFolder for INT8 calibration (default: the bundle's training data).")
+@click.option("--calib-count", type=int, default=256, show_default=True,
+              help="Calibration images (round-robin over classes).")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
 @click.option("--int8-weights", type=click.Choice(["s8-7bit", "u8"]), default="s8-7bit", show_default=True,
               help="CPU INT8 model's weights: int8 in 7 bits (fast ONNX Runtime kernels, no saturation on x86 "
                    "without VNNI) or uint8 (closest to fp32, no fast x86 kernel). TensorRT's QDQ model is int8.")
@@ -134,11 +166,12 @@ def eval_(path, data, split, per_class, precision, as_json):
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs the tensorrt module and a GPU).")
 def export(bundle, out, precision, calib_data, calib_count, calib_method, int8_weights, batch_range, workspace_mb, trt):
     """Fold PET into the backbone and export ONNX / TensorRT engines to an engine directory."""
+    require_all(EXPORT, "edgecl export")
     from .export.exporter import export_bundle
 
     export_bundle(bundle, out, precision=precision, calib_data=calib_data, calib_count=calib_count,
-                  calib_method=calib_method, int8_weights=int8_weights, trt=trt, batch_range=batch_range, workspace_mb=workspace_mb,
-                  log=click.echo)
+                  calib_method=calib_method, int8_weights=int8_weights, trt=trt, batch_range=batch_range,
+                  workspace_mb=workspace_mb, log=click.echo)
 
 
 _BACKEND = click.option("--backend", default="auto", show_default=True,
@@ -168,6 +201,7 @@ def enroll(engine_dir, name, images, source, frames, renames, removes, list_clas
 
     The heads are updated in closed form (rank-k update of G and Q, each class's target column
     normalised by its count) and the store commits a new generation all-or-nothing."""
+    require_all(DEVICE, "edgecl enroll")
     from .device.runtime import Runtime
 
     if not (name or renames or removes or list_classes):
@@ -236,6 +270,7 @@ def enroll(engine_dir, name, images, source, frames, renames, removes, list_clas
 def run(engine_dir, source, headless, jsonl, max_frames, top_k, unknown_below, enroll_frames, enroll_name, backend,
         store):
     """The camera loop: capture, infer, aggregate, overlay."""
+    require_all(DEVICE, "edgecl run")
     from .device.loop import run_loop
     from .device.runtime import Runtime
     from .device.sources import open_source
@@ -255,12 +290,14 @@ def run(engine_dir, source, headless, jsonl, max_frames, top_k, unknown_below, e
 @click.argument("engine_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--frames", type=int, default=200, show_default=True, help="Timed frames.")
-@click.option("--frame-size", default="640x480", show_default=True, metavar="WxH", help="Camera frame size to resize from.")
+@click.option("--frame-size", default="640x480", show_default=True, metavar="WxH",
+              help="Camera frame size to resize from.")
 @click.option("--enroll-classes", type=int, default=5, show_default=True)
 @click.option("--enroll-frames", type=int, default=20, show_default=True)
 @_BACKEND
 def bench(engine_dir, as_json, frames, frame_size, enroll_classes, enroll_frames, backend):
     """Engine latency, host overhead, FPS, enrollment time, store size."""
+    require_all(DEVICE, "edgecl bench")
     from .device.bench import run_bench
 
     try:
@@ -297,6 +334,7 @@ def merge(stores, out, engine_dir):
     click.echo(f"merged {len(stores)} stores into {out} generation {gen}: {len(merged.classes)} classes, "
                f"{len(merged.row_uid)} enrolled rows")
     if engine_dir:
+        require_all(ENGINE, "edgecl merge --engine-dir")
         from .device.engine_dir import read_manifest, verify
         from .device.enroll import ClassHeads
 
@@ -308,7 +346,8 @@ def merge(stores, out, engine_dir):
 
 @cli.command()
 @click.option("--out", default="edgecl-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the demo's data and bundle.")
+              help="Folder for the demo's data, bundle, engine directory and device store (relative to the "
+                   "current directory).")
 @click.option("--method", default="ranpac", show_default=True, help="simplecil or ranpac.")
 @click.option("--no-progress", is_flag=True)
 def demo(out, method, no_progress):
@@ -316,8 +355,10 @@ def demo(out, method, no_progress):
 
     scikit-learn's handwritten digits (shipped inside scikit-learn) are learned in five
     class-incremental sessions of two digits on the embedded EfficientNet-Lite0; per-session
-    accuracy and the bundle path are printed.
+    accuracy and the bundle path are printed. The bundle is then exported to an engine
+    directory that the torch-free device runtime runs and enrolls the tenth digit into.
     """
+    require_all(DEMO, "edgecl demo")
     from .demo import run_demo
 
     run_demo(out, method=method, progress=not no_progress, log=click.echo)

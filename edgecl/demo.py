@@ -50,7 +50,7 @@ def run_demo(out: str, method: str = "ranpac", progress: bool = True, log: Calla
     from .config import resolve_config
     from .train import evaluate, train
 
-    out_dir = Path(out)
+    out_dir = Path(out).expanduser().resolve()
     start = time.perf_counter()
     data = write_digits_imagefolder(out_dir / "digits")
     log(f"demo data: scikit-learn digits as an ImageFolder in {data}")
@@ -61,16 +61,20 @@ def run_demo(out: str, method: str = "ranpac", progress: bool = True, log: Calla
     check = evaluate(str(bundle), str(data), progress=False)
     log(f"re-loaded {bundle}: accuracy {check['accuracy']:.2f} on {check['n']} val images "
         f"(training run said {metrics['A_last']:.2f})")
-    from .export.evaluate import evaluate_engine_dir
+    from .device.evaluate import evaluate_engine_dir
     from .export.exporter import export_bundle
 
     engine_dir = out_dir / f"engine-{method}"
     export_bundle(str(bundle), str(engine_dir), log=log)
-    engine_check = evaluate_engine_dir(str(engine_dir), str(data), progress=False)
-    log(f"engine directory {engine_dir} (ONNX Runtime + numpy heads): accuracy {engine_check['accuracy']:.2f} "
-        f"on {engine_check['n']} val images")
+    engine_check = evaluate_engine_dir(str(engine_dir), str(data), progress=False, log=lambda m: None)
+    log(f"engine directory {engine_dir} ({engine_check['backend']} + numpy heads): accuracy "
+        f"{engine_check['accuracy']:.2f} on {engine_check['n']} val images")
     device = run_device_demo(engine_dir, data, out_dir, log=log)
-    log(f"demo done in {time.perf_counter() - start:.0f} s; bundle: {bundle}; engine directory: {engine_dir}")
+    log(f"demo done in {time.perf_counter() - start:.0f} s. Written under {out_dir}:")
+    log(f"  bundle:           {bundle}")
+    log(f"  engine directory: {engine_dir}")
+    log(f"  device store:     {device['store']}")
+    log(f"  data:             {data}")
     return {"metrics": metrics, "eval": check, "bundle": str(bundle), "engine_eval": engine_check,
             "engine_dir": str(engine_dir), "device": device}
 
@@ -126,7 +130,7 @@ def run_device_demo(engine_dir: Path, data: Path, out_dir: Path, shots: int = 20
 
     log(f"edgecl run (headless) on {video.name}: {summary['frames']} frames, top-1 {loop_acc:.1f}%, "
         f"engine {summary['engine_ms_median']:.1f} ms + host {summary['host_ms_median']:.2f} ms per frame; {jsonl}")
-    result = {"loop": {**summary, "accuracy": round(loop_acc, 2)}}
+    result = {"loop": {**summary, "accuracy": round(loop_acc, 2)}, "store": str(store)}
     for name in unseen:
         folder = name
         train = sorted((data / "train" / folder).glob("*.png"))[:shots]

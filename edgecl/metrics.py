@@ -1,4 +1,4 @@
-"""Class-incremental metrics (DESIGN.md, "Benchmark protocol") and the accuracy plot.
+"""Class-incremental metrics (docs/DESIGN.md, "Benchmark protocol") and the accuracy plot.
 
 After session t, on all classes seen so far: A_t (sample-weighted top-1), the accuracy matrix
 a[t][j] (accuracy on session j's classes after session t), A_last = A_T, A_avg = mean_t A_t,
@@ -61,7 +61,8 @@ def summarize(accuracy: Sequence[float], matrix: Sequence[Sequence[float]]) -> d
     }
 
 
-def plot_accuracy(curves: dict, title: Optional[str] = None, classes_per_session: Optional[Sequence[int]] = None) -> bytes:
+def plot_accuracy(curves: dict, title: Optional[str] = None,
+                  classes_per_session: Optional[Sequence[int]] = None) -> bytes:
     """PNG (bytes) of accuracy per session, one line per predictor (``{"SAFE": [...], "slow": [...]}``)."""
     import io
 

@@ -1,1 +1,1 @@
-"""edgecl.export (see DESIGN.md)."""
+"""edgecl.export: bundle -> engine directory (docs/DESIGN.md, docs/EXPORT.md)."""

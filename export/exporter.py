@@ -54,12 +54,9 @@ def check_options(precision: str, trt: bool) -> None:
         raise EdgeclError("--precision fp16 needs --trt (ONNX Runtime on the CPU runs fp32 or int8 QDQ); "
                           "add --trt or use --precision fp32|int8")
     if trt:
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise EdgeclError("--trt: the tensorrt Python module is not installed here; install TensorRT "
-                              "(pip install 'edgecl[trt]' or JetPack), or export without --trt and build on the "
-                              "board with the printed trtexec command") from None
+        from .tensorrt import import_tensorrt
+
+        import_tensorrt()
 
 
 def _head_kinds(manifest: dict, learners: list) -> dict:
@@ -93,7 +90,8 @@ def parity_images(manifest: dict, size: int, count: int, log: Callable) -> tuple
         val = Path(root) / "val" if (Path(root) / "val").is_dir() else Path(root)
         if val.is_dir():
             try:
-                imgs = load_calibration_images(val, size, count, cache_dir=data.get("cache_dir"), what="bundle val data")
+                imgs = load_calibration_images(val, size, count, cache_dir=data.get("cache_dir"),
+                                               what="bundle val data")
                 return imgs, f"bundle val data {val} ({len(imgs)} images)"
             except EdgeclError as exc:
                 log(f"parity: bundle data unusable ({exc}); using generated images")
@@ -113,7 +111,15 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
     from edgecl.device.heads import Head
     from edgecl.train import load_learner
 
-    from .graph import INPUT_NAME, OPSET, ExportGraph, export_onnx, folded_feature_models, output_name, static_same_padding
+    from .graph import (
+        INPUT_NAME,
+        OPSET,
+        ExportGraph,
+        export_onnx,
+        folded_feature_models,
+        output_name,
+        static_same_padding,
+    )
     from .parity import parity_report
 
     check_options(precision, trt)
@@ -190,7 +196,8 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "edgecl_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source_bundle": {"path": str(Path(bundle).resolve()), "manifest_sha256": sha256_file(Path(bundle) / "manifest.json"),
+            "source_bundle": {"path": str(Path(bundle).resolve()),
+                              "manifest_sha256": sha256_file(Path(bundle) / "manifest.json"),
                               "A_last": (bm.get("metrics") or {}).get("A_last"),
                               "val_per_class": (bm.get("config", {}).get("data", {}) or {}).get("val_per_class")},
             "method": bm.get("method"), "backbone": bm.get("backbone"),
@@ -207,7 +214,8 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
             "classes": {"file": "classes.json", "count": len(classes)},
             "precision": precision, "opset": OPSET, "batch_range": list(batch_range),
             "models": models, "engines": engines,
-            "parity": {p: {k: r[k] for k in ("max_abs", "max_rel", "top1_agreement", "images")} for p, r in parity.items()},
+            "parity": {p: {k: r[k] for k in ("max_abs", "max_rel", "top1_agreement", "images")}
+                       for p, r in parity.items()},
             "files": files,
         }
         write_json_durable(tmp / "manifest.json", manifest)

@@ -27,17 +27,14 @@ from typing import Callable, Optional
 from edgecl.calibration import CacheKey, CalibrationCache, data_sha256
 from edgecl.device.engine_dir import sha256_file
 from edgecl.errors import EdgeclError
+from edgecl.extras import require
 
 INPUT_NAME = "input"
 
 
 def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise EdgeclError("--trt: the tensorrt Python module is not installed here; install TensorRT, or export "
-                          "without --trt and build on the board with the printed trtexec command") from None
-    return trt
+    return require("tensorrt", "edgecl export --trt",
+                   hint="or export without --trt and build the engine on the board with the trtexec command it prints")
 
 
 def trt_version(trt) -> str:
@@ -145,7 +142,8 @@ def make_entropy_calibrator(trt, frames, cache: CalibrationCache, key: CacheKey,
 
 
 def build_engine(trt, onnx_path, engine_path, precision: str, batch_range, size: int, timing_cache_path,
-                 workspace_mb: int = 1024, calibrator=None, input_name: str = INPUT_NAME, log: Callable = print) -> None:
+                 workspace_mb: int = 1024, calibrator=None, input_name: str = INPUT_NAME,
+                 log: Callable = print) -> None:
     """Build and serialise one engine with the TensorRT Python API."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

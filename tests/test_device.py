@@ -86,7 +86,7 @@ def test_periodic_refactor_bounds_the_correction_chain():
     rng = np.random.RandomState(1)
     H0 = np.maximum(rng.randn(100, 16), 0)
     head = RidgeHead(H0.T @ H0, H0.T @ np.ones((100, 2)), lam=1.0, refactor_every=3)
-    for step in range(7):
+    for _step in range(7):
         head.add_classes(1)  # also: the spare-column buffers stay consistent across refactors
         H = np.maximum(rng.randn(4, 16), 0)
         head.update(H, np.ones(4), rng.rand(4, head.num_classes))
@@ -253,7 +253,8 @@ def test_merge_sums_statistics_exactly(engines, tmp_path):
     for i in range(2):
         np.testing.assert_allclose(merged.heads.ridge("main").statistics()[i], ref.heads.ridge("main").statistics()[i],
                                    rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(merged.heads.W["main"], ref.heads.W["main"], atol=1e-4 * np.abs(ref.heads.W["main"]).max())
+    np.testing.assert_allclose(merged.heads.W["main"], ref.heads.W["main"],
+                               atol=1e-4 * np.abs(ref.heads.W["main"]).max())
 
     c = runtime(fresh_copy(engines["other"], tmp_path / "other"), store=tmp_path / "c")
     c.enroll_frames("x", f6)
@@ -320,7 +321,8 @@ def test_live_source_drops_stale_frames():
             _t.sleep(0.002)  # a 500 FPS camera
             return super().read()
 
-    src = CaptureSource("0", lambda: Camera(0, fail_after=250), live=True, reconnect=0, threaded=True, log=lambda m: None)
+    src = CaptureSource("0", lambda: Camera(0, fail_after=250), live=True, reconnect=0, threaded=True,
+                        log=lambda m: None)
     got = []
     for f in src:
         got.append(int(f[0, 0, 0]))
@@ -331,8 +333,8 @@ def test_live_source_drops_stale_frames():
 
 def test_file_and_folder_sources(tmp_path):
     import cv2
-    from edgecl.device.sources import open_source
 
+    from edgecl.device.sources import open_source
     from edgecl.errors import EdgeclError
 
     frames = class_frames(1, 5, seed=0)
@@ -382,7 +384,8 @@ def test_run_headless_jsonl_and_enroll_cli(engines, tmp_path):
     assert res.exit_code == 0, res.output
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["frame"] for r in lines] == list(range(30))
-    assert set(lines[0]) >= {"frame", "top", "weights", "latency_ms", "engine_ms", "host_ms"} and len(lines[0]["top"]) == 3
+    assert (set(lines[0]) >= {"frame", "top", "weights", "latency_ms", "engine_ms", "host_ms"}
+            and len(lines[0]["top"]) == 3)
     pred = [r["top"][0][0] for r in lines]
     assert np.mean([p == f"class{c}" for p, c in zip(pred, y[:30])]) >= 0.9
     assert json.loads(res.output.strip().splitlines()[-1])["frames"] == 30
@@ -475,8 +478,8 @@ def test_enroll_into_an_engine_class_name_is_refused(engines, tmp_path):
 
 def test_ort_provider_order_and_choice(engines, monkeypatch):
     import onnxruntime as ort
-    from edgecl.device import backends
 
+    from edgecl.device import backends
     from edgecl.errors import EdgeclError
 
     manifest = json.loads((engines["main"] / "manifest.json").read_text())
@@ -502,7 +505,8 @@ def test_ort_provider_order_and_choice(engines, monkeypatch):
     with pytest.raises(EdgeclError, match="none of CUDAExecutionProvider"):
         backends.open_backend(engines["main"], manifest, "ort-cuda", **QUIET)
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(EdgeclError, match="--backend trt: the tensorrt module is not installed"):
+    missing = r"--backend trt needs TensorRT \(tensorrt\), which is not installed: pip install 'edgecl\[trt\]'"
+    with pytest.raises(EdgeclError, match=missing):
         backends.open_backend(engines["main"], manifest, "trt", **QUIET)
 
 
@@ -603,7 +607,6 @@ class FakeCuda:
 @pytest.mark.parametrize("version", ["10.3.0", "8.6.1"])
 def test_tensorrt_backend_with_fake_module(engines, tmp_path, monkeypatch, version):
     from edgecl.device import backends
-
     from edgecl.fsutil import sha256_file
 
     eng = fresh_copy(engines["safe"], tmp_path / "eng")
@@ -640,14 +643,14 @@ def test_real_tensorrt_backend(engines, tmp_path):
     """A real TensorRT plan of the synthetic graph (built here) through the device backend."""
     trt = pytest.importorskip("tensorrt")
     from edgecl.device import backends
-
     from edgecl.fsutil import sha256_file
 
     eng = fresh_copy(engines["safe"], tmp_path / "eng")
     manifest = json.loads((eng / "manifest.json").read_text())
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    flags = (0 if int(trt.__version__.split(".")[0]) >= 10
+             else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     assert parser.parse((eng / "model.fp32.onnx").read_bytes())
@@ -699,6 +702,7 @@ def test_device_runs_without_torch(engines, tmp_path):
 def test_window_loop_enroll_key_and_topk_unknown(engines, tmp_path, monkeypatch):
     """The window loop (display faked): 'e' enrolls the next frames as a class and commits it."""
     import cv2
+
     from edgecl.device.loop import run_loop
     from edgecl.device.runtime import topk
     from edgecl.device.sources import FolderSource

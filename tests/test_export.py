@@ -9,9 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from test_train import TINY, invoke, make_imagefolder
 from test_export_fakes import make_fake_tensorrt
+from test_train import TINY, invoke, make_imagefolder
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +76,7 @@ def test_folding_is_exact_and_keeps_bare_structure(kinds, tmp_path):
 
 def test_graph_with_two_learners_has_an_output_each(tmp_path):
     import onnxruntime as ort
+
     from edgecl.export.graph import ExportGraph, export_onnx
 
     torch.manual_seed(0)
@@ -97,6 +97,7 @@ def test_static_same_padding_is_exact_and_leaves_no_shape_subgraph(tmp_path):
     its fixed size (a quantized Shape/Ceil/Pad subgraph broke the INT8 model)."""
     import onnxruntime as ort
     from timm.layers import Conv2dSame
+
     from edgecl.export.graph import ExportGraph, export_onnx, onnx_op_counts, static_same_padding
 
     class Net(torch.nn.Module):
@@ -156,9 +157,10 @@ def test_engine_dir_eval_matches_bundle_and_parity(work, method):
 
     res = invoke(["eval", str(eng), "--data", str(data), "--json"])
     assert res.exit_code == 0, res.output
-    got = json.loads(res.output)
-    ref = json.loads(invoke(["eval", str(bundle), "--data", str(data), "--json"]).output)
-    assert got["n"] == ref["n"] == 16 and got["runtime"] == "onnxruntime-cpu"
+    got = json.loads(res.stdout)
+    ref = json.loads(invoke(["eval", str(bundle), "--data", str(data), "--json"]).stdout)
+    assert got["n"] == ref["n"] == 16 and got["backend"].startswith("onnxruntime")
+    assert got["model"] == "model.fp32.onnx" and got["store_generation"] == 0
     assert abs(got["accuracy"] - ref["accuracy"]) <= 0.1
     if method == "safe":  # each learner alone too, and what the bundle predicts is recorded
         assert manifest["aggregation"] == {"kind": "entropy", "gamma": 1.0, "predict": "aggregate"}
@@ -169,7 +171,7 @@ def test_engine_dir_eval_matches_bundle_and_parity(work, method):
 @pytest.mark.parametrize("method", ["slcapp", "seqft"])
 def test_slca_bundle_exports_with_its_linear_head(work, tmp_path, method):
     """SLCA-family bundles (aligned linear heads, LoRA or a fine-tuned backbone) export and
-    evaluate like the bundle; the device loop refuses them with a clear message."""
+    evaluate like the bundle; the device loop runs them and refuses enrollment with a clear message."""
     bundle, eng = tmp_path / "bundle", tmp_path / "engine"
     res = invoke(["train", "--data", str(work["data"]), "--method", method, "--out", str(bundle), *TINY,
                   "--set", "slca.ca_samples_per_class=16"])
@@ -178,10 +180,16 @@ def test_slca_bundle_exports_with_its_linear_head(work, tmp_path, method):
     manifest = json.loads((eng / "manifest.json").read_text())
     assert manifest["learners"]["main"]["head"] == "linear"
     assert json.loads((eng / "parity.json").read_text())["fp32"]["top1_agreement"] == 1.0
-    got = json.loads(invoke(["eval", str(eng), "--data", str(work["data"]), "--json"]).output)
-    ref = json.loads(invoke(["eval", str(bundle), "--data", str(work["data"]), "--json"]).output)
+    got = json.loads(invoke(["eval", str(eng), "--data", str(work["data"]), "--json"]).stdout)
+    ref = json.loads(invoke(["eval", str(bundle), "--data", str(work["data"]), "--json"]).stdout)
     assert abs(got["accuracy"] - ref["accuracy"]) <= 0.1
-    one_line(invoke(["enroll", str(eng), "--list"]), "'linear' head", "edgecl eval")
+    listed = invoke(["enroll", str(eng), "--list"])  # the device runs linear heads ...
+    assert listed.exit_code == 0 and listed.stdout.count("\t") == manifest["classes"]["count"]
+    first = sorted((work["data"] / "val").iterdir())[0]
+    ran = invoke(["run", str(eng), "--source", str(first), "--headless", "--store", str(tmp_path / "s")])
+    assert ran.exit_code == 0 and json.loads(ran.stdout.strip().splitlines()[-1])["frames"] > 0
+    one_line(invoke(["enroll", str(eng), "--name", "new", "--images", str(first), "--store", str(tmp_path / "s")]),
+             "'linear' head", "cannot enroll")  # ... but cannot enroll into them yet
 
 
 def test_engine_dir_loads_without_torch(work):
@@ -219,7 +227,8 @@ def test_mismatched_engine_dir_is_refused(work, tmp_path):
 def conv_weights(model) -> list:
     """The quantized initializers that reach a Conv/MatMul/Gemm as its weight (through a DequantizeLinear)."""
     weight_inputs = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")}
-    quantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in weight_inputs}
+    quantized = {n.input[0] for n in model.graph.node
+                 if n.op_type == "DequantizeLinear" and n.output[0] in weight_inputs}
     return [i for i in model.graph.initializer if i.name in quantized]
 
 
@@ -244,7 +253,7 @@ def test_int8_qdq_export_and_calibration_cache(work, tmp_path):
     assert set(key) == {"model_sha256", "data_sha256", "method", "tool", "tool_version"}
     assert "int8" in json.loads((out / "parity.json").read_text())
     res = invoke(["eval", str(out), "--data", str(work["data"]), "--json"])
-    assert res.exit_code == 0 and json.loads(res.output)["precision"] == "int8"
+    assert res.exit_code == 0 and json.loads(res.stdout)["model"] == "model.int8.qdq.onnx"
 
     again = invoke(args)  # same model, same data: the cache is reused, and says so
     assert again.exit_code == 0 and "key matches, reusing it" in again.output
@@ -369,9 +378,9 @@ def test_trt_parse_failure_is_one_line(work, tmp_path, monkeypatch):
 
 def one_line(res, *needles):
     assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output and res.output.strip().count("\n") == 0, res.output
+    assert "Traceback" not in res.output and res.stderr.strip().count("\n") == 0, res.output
     for n in needles:
-        assert n in res.output, res.output
+        assert n in res.stderr, res.output
 
 
 def test_export_user_errors(work, tmp_path, monkeypatch):
@@ -387,7 +396,8 @@ def test_export_user_errors(work, tmp_path, monkeypatch):
     m["format_version"] = 99
     (old / "manifest.json").write_text(json.dumps(m))
     one_line(invoke(["export", str(old), "--out", str(tmp_path / "o")]), "format version 99")
-    one_line(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--precision", "fp16"]), "--precision fp16 needs --trt")
+    one_line(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--precision", "fp16"]),
+             "--precision fp16 needs --trt")
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     one_line(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--trt"]), "--trt", "not installed")
     one_line(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--precision", "int8",

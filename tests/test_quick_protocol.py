@@ -1,4 +1,4 @@
-"""The quick protocol on tiny-imagenet-100 (DESIGN.md): the accuracy bars of the foundation
+"""The quick protocol on tiny-imagenet-100 (docs/DESIGN.md): the accuracy bars of the foundation
 issue. Slow (SimpleCIL ~2 min, RanPAC ~10 min on 2 CPU cores): run with `pytest -m slow`."""
 
 import json
