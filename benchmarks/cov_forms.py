@@ -8,7 +8,7 @@ sessions. Because the alignment trains a *copy* of the heads and the next sessio
 the stage-1 heads again (edgecl/learners/slca.py), the backbone, the stage-1 heads and every
 class's statistics are the same whatever covariance form the alignment uses: only the final
 alignment differs. So for each form the full statistics are converted
-(:meth:`edgecl.classstats.ClassStats.convert`: exact for diag and shared; lowrank keeps each
+(:meth:`edgecl.core.classstats.ClassStats.convert`: exact for diag and shared; lowrank keeps each
 class's top-r eigenpairs of its scatter and the rest of its diagonal), the last session's
 alignment is re-run with the same seed, and the aligned heads are scored on the val images of
 all classes. That A_last is exactly what a full run with that form would report; the "full"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.errors import EdgeclError
+from edgecl.core.errors import EdgeclError
 
 
 def _image_root(path: Path) -> Path:

@@ -19,8 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from edgecl.errors import EdgeclError
-from edgecl.extras import require
+from edgecl.core.errors import EdgeclError
+from edgecl.core.extras import require
 
 ORT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 CHOICES = ("auto", "trt", "ort", "ort-trt", "ort-cuda", "ort-cpu")

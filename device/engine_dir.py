@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgecl.errors import EdgeclError
-from edgecl.fsutil import read_manifest_json, sha256_file
+from edgecl.core.durable import read_manifest_json, sha256_file
+from edgecl.core.errors import EdgeclError
 
 FORMAT = "edgecl-engine"
 FORMAT_VERSION = 1

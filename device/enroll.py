@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgecl.errors import EdgeclError
+from edgecl.core.errors import EdgeclError
 
 from .engine_dir import class_names, load_tensors
 from .heads import project, prototype_logits

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from edgecl.errors import EdgeclError
+from edgecl.core.errors import EdgeclError
 
 
 def evaluate_engine_dir(path, data, split: str = "val", per_class: Optional[int] = None,

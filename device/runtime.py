@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgecl.errors import EdgeclError
+from edgecl.core.errors import EdgeclError
 
 from .backends import open_backend
 from .engine_dir import open_engine_dir

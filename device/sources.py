@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgecl.errors import EdgeclError
+from edgecl.core.errors import EdgeclError
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 VIDEO_EXT = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".h264", ".264"}

@@ -10,7 +10,7 @@ written) of generations::
 
 Generation 0 is the engine directory itself (its ``stats.safetensors`` and heads). A commit
 writes the new state to a temporary file, fsyncs it, renames it into place, does the same for
-its JSON record, and fsyncs the directory (:func:`edgecl.fsutil.write_bytes_durable`); the last
+its JSON record, and fsyncs the directory (:func:`edgecl.core.durable.write_bytes_durable`); the last
 ``keep`` generations stay. Loading takes the newest generation whose record parses and whose
 file matches the record's sha256, so a torn or corrupt file falls back to the previous one.
 
@@ -38,14 +38,14 @@ from typing import Callable
 
 import numpy as np
 
-from edgecl.errors import EdgeclError
-from edgecl.fsutil import (
+from edgecl.core.durable import (
     FileLock,
     fsync_path,
     remove_stale_tmp,
     sha256_file,
     write_bytes_durable,
 )
+from edgecl.core.errors import EdgeclError
 
 FORMAT = "edgecl-store"
 FORMAT_VERSION = 1

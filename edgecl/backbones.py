@@ -23,7 +23,7 @@ import timm
 import torch
 from torch import nn
 
-from edgecl.errors import EdgeclError
+from edgecl.core.errors import EdgeclError
 
 __all__ = [
     "EMBEDDED_WEIGHTS",

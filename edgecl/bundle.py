@@ -22,8 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .errors import EdgeclError
-from .fsutil import publish_dir, read_manifest_json, sha256_file, write_json_durable
+from .core.durable import publish_dir, read_manifest_json, sha256_file, write_json_durable
+from .core.errors import EdgeclError
 
 FORMAT = "edgecl-bundle"
 FORMAT_VERSION = 1

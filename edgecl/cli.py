@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from .errors import EdgeclError
-from .extras import missing_message, require_all
+from .core.errors import EdgeclError
+from .core.extras import missing_message, require_all
 
-# what the commands import beyond the base install, checked before any work (edgecl/extras.py)
+# what the commands import beyond the base install, checked before any work (edgecl/core/extras.py)
 LOAD_BUNDLE = ("torch", "torchvision", "timm")
 TRAIN = LOAD_BUNDLE + ("matplotlib",)
 EXPORT = LOAD_BUNDLE + ("onnx", "onnxruntime")

@@ -10,7 +10,7 @@ Resolution order (later wins)::
       <- CLI options and --set key=value
 
 Every key is checked against the dataclasses below: an unknown key or a value of the wrong
-type raises :class:`~edgecl.errors.EdgeclError` naming the key and the file it came from.
+type raises :class:`~edgecl.core.errors.EdgeclError` naming the key and the file it came from.
 This module must not import torch (``edgecl --help`` stays light).
 """
 
@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import EdgeclError
+from .core.errors import EdgeclError
 
 METHODS = ("simplecil", "ranpac", "safe", "slca", "slcapp", "seqft")
 PROFILES = ("quick", "full", "demo")  # demo: used by `edgecl demo`

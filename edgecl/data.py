@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import EdgeclError
+from .core.errors import EdgeclError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

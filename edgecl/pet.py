@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from edgecl.config import PETConfig
-from edgecl.errors import EdgeclError
+from edgecl.core.errors import EdgeclError
 
 KINDS = ("ssf", "adapter", "lora", "vpt")
 _NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())

@@ -16,8 +16,8 @@ from . import __version__
 from .backbones import create_backbone
 from .bundle import read_bundle, write_bundle
 from .config import Config, config_from_dict
+from .core.errors import EdgeclError
 from .data import build_scenario, load_dataset, load_imagefolder
-from .errors import EdgeclError
 from .learners import learner_class
 from .learners.base import run_sessions, with_labels
 from .metrics import plot_accuracy

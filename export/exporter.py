@@ -24,9 +24,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from edgecl import __version__
+from edgecl.core.durable import publish_dir, sha256_file, write_json_durable
+from edgecl.core.errors import EdgeclError
 from edgecl.device.engine_dir import FORMAT, FORMAT_VERSION, is_engine_dir
-from edgecl.errors import EdgeclError
-from edgecl.fsutil import publish_dir, sha256_file, write_json_durable
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CHANNEL_ORDER = "BGR"

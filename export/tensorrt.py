@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from edgecl.calibration import CacheKey, CalibrationCache, data_sha256
+from edgecl.core.errors import EdgeclError
+from edgecl.core.extras import require
 from edgecl.device.engine_dir import sha256_file
-from edgecl.errors import EdgeclError
-from edgecl.extras import require
 
 INPUT_NAME = "input"
 

@@ -20,7 +20,7 @@ from edgecl.backbones import (
     imagenet_synsets,
     load_timm_model,
 )
-from edgecl.errors import EdgeclError
+from edgecl.core.errors import EdgeclError
 
 TINY = Path(os.environ.get("EDGECL_TINY_IMAGENET",
                           Path(__file__).resolve().parents[2] / "shared/data/tiny-imagenet-100"))

@@ -1,4 +1,4 @@
-"""Class statistics (edgecl/classstats.py): the Gaussian sampler's mean and covariance per form,
+"""Class statistics (edgecl/core/classstats.py): the Gaussian sampler's mean and covariance per form,
 exact merging, the low-rank reconstruction, conversions, the state round trip, and that the
 module stays importable without torch (the device imports it)."""
 
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgecl.classstats import FORMS, ClassStats, ClassStatsError
+from edgecl.core.classstats import FORMS, ClassStats, ClassStatsError
 
 
 def _data(n_per_class=400, d=6, classes=3, seed=0):
@@ -167,7 +167,7 @@ def test_bad_input_is_refused_without_touching_the_statistics():
 
 
 def test_module_imports_without_torch():
-    import edgecl.classstats as cs
+    import edgecl.core.classstats as cs
 
     code = ("import sys; sys.modules['torch'] = None\n"
             "import importlib.util as u\n"

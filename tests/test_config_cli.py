@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from edgecl.cli import cli
 from edgecl.config import config_from_dict, parse_set, resolve_config
-from edgecl.errors import EdgeclError
+from edgecl.core.errors import EdgeclError
 
 COMMANDS = ["train", "eval", "export", "enroll", "run", "bench", "demo"]
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from edgecl import data as D
 from edgecl.config import DataConfig
+from edgecl.core.errors import EdgeclError
 from edgecl.data import (
     Scenario,
     augment_batch,
@@ -21,7 +22,6 @@ from edgecl.data import (
     load_imagefolder,
     parse_split,
 )
-from edgecl.errors import EdgeclError
 
 
 def _write_image(path: Path, color, size=(20, 16), fmt=None) -> None:

@@ -126,7 +126,7 @@ def test_enroll_commit_reload_rename_remove(engines, tmp_path):
     assert np.abs(ridge.W - fresh).max() <= 1e-4 * np.abs(fresh).max()
     assert rt.heads.commit() == 1
     hashes = json.loads((eng / "manifest.json").read_text())["files"]
-    from edgecl.fsutil import sha256_file
+    from edgecl.core.durable import sha256_file
     assert all(sha256_file(eng / f) == h for f, h in hashes.items())  # the engine's bound files are untouched
 
     rt2 = runtime(eng)  # reload: generation 1, its cached W
@@ -221,7 +221,7 @@ def test_store_generations_survive_corruption(engines, tmp_path):
 
 
 def test_store_of_another_engine_is_refused(engines, tmp_path):
-    from edgecl.errors import EdgeclError
+    from edgecl.core.errors import EdgeclError
 
     a = runtime(fresh_copy(engines["main"], tmp_path / "a"), store=tmp_path / "s")
     a.enroll_frames("x", class_frames(7, 5, seed=0))
@@ -334,8 +334,8 @@ def test_live_source_drops_stale_frames():
 def test_file_and_folder_sources(tmp_path):
     import cv2
 
+    from edgecl.core.errors import EdgeclError
     from edgecl.device.sources import open_source
-    from edgecl.errors import EdgeclError
 
     frames = class_frames(1, 5, seed=0)
     video = tmp_path / "v.avi"
@@ -433,7 +433,7 @@ def one_line(res, *needles):
 def test_user_errors(engines, tmp_path):
     import cv2
 
-    from edgecl.errors import EdgeclError
+    from edgecl.core.errors import EdgeclError
 
     eng = fresh_copy(engines["main"], tmp_path / "eng")
     # an unreadable source
@@ -467,7 +467,7 @@ def test_user_errors(engines, tmp_path):
 
 
 def test_enroll_into_an_engine_class_name_is_refused(engines, tmp_path):
-    from edgecl.errors import EdgeclError
+    from edgecl.core.errors import EdgeclError
 
     rt = runtime(fresh_copy(engines["main"], tmp_path / "eng"))
     with pytest.raises(EdgeclError, match="is a class of the engine"):
@@ -479,8 +479,8 @@ def test_enroll_into_an_engine_class_name_is_refused(engines, tmp_path):
 def test_ort_provider_order_and_choice(engines, monkeypatch):
     import onnxruntime as ort
 
+    from edgecl.core.errors import EdgeclError
     from edgecl.device import backends
-    from edgecl.errors import EdgeclError
 
     manifest = json.loads((engines["main"] / "manifest.json").read_text())
     logs = []
@@ -606,8 +606,8 @@ class FakeCuda:
 
 @pytest.mark.parametrize("version", ["10.3.0", "8.6.1"])
 def test_tensorrt_backend_with_fake_module(engines, tmp_path, monkeypatch, version):
+    from edgecl.core.durable import sha256_file
     from edgecl.device import backends
-    from edgecl.fsutil import sha256_file
 
     eng = fresh_copy(engines["safe"], tmp_path / "eng")
     manifest = json.loads((eng / "manifest.json").read_text())
@@ -642,8 +642,8 @@ def test_tensorrt_backend_with_fake_module(engines, tmp_path, monkeypatch, versi
 def test_real_tensorrt_backend(engines, tmp_path):
     """A real TensorRT plan of the synthetic graph (built here) through the device backend."""
     trt = pytest.importorskip("tensorrt")
+    from edgecl.core.durable import sha256_file
     from edgecl.device import backends
-    from edgecl.fsutil import sha256_file
 
     eng = fresh_copy(engines["safe"], tmp_path / "eng")
     manifest = json.loads((eng / "manifest.json").read_text())

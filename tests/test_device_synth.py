@@ -52,7 +52,7 @@ def make_engine_dir(path, learners=("main",), classes: int = 6, per_class: int =
     statistics, or SimpleCIL prototypes (``head="prototypes"``, no statistics)."""
     from safetensors.numpy import save_file
 
-    from edgecl.fsutil import sha256_file
+    from edgecl.core.durable import sha256_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

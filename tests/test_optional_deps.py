@@ -1,4 +1,4 @@
-"""A missing optional dependency is one line naming the pip extra that brings it (edgecl/extras.py).
+"""A missing optional dependency is one line naming the pip extra that brings it (edgecl/core/extras.py).
 
 Each case runs the CLI in a fresh interpreter with one module made unimportable
 (``sys.modules[name] = None``), as on a machine without it."""
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from edgecl.extras import OPTIONAL, missing_message
+from edgecl.core.extras import OPTIONAL, missing_message
 
 
 def run_blocked(blocked: str, argv: list, cwd) -> subprocess.CompletedProcess:

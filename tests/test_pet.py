@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from edgecl.config import PETConfig
-from edgecl.errors import EdgeclError
+from edgecl.core.errors import EdgeclError
 from edgecl.pet import (
     SSF,
     Adapter,

@@ -13,10 +13,10 @@ from test_train import TINY, blob_images, make_imagefolder
 
 from edgecl import pet as petlib
 from edgecl.backbones import create_backbone
-from edgecl.classstats import ClassStats
 from edgecl.cli import cli
 from edgecl.config import resolve_config
-from edgecl.errors import EdgeclError
+from edgecl.core.classstats import ClassStats
+from edgecl.core.errors import EdgeclError
 from edgecl.learners.slca import SLCA, SessionLinear
 from edgecl.losses import (
     logit_normalize,

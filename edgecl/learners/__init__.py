@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import EdgeclError
+from ..core.errors import EdgeclError
 
 # method name -> (module, class)
 REGISTRY = {

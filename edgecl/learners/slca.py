@@ -12,7 +12,7 @@ One learner, three configurations (``configs/{seqft,slca,slcapp}.yaml``):
   code), or SLCA++'s symmetric cross-entropy (``slca.alpha`` CE + ``slca.beta`` RCE, SLCA++
   Sec. 4.2). Heads of earlier sessions stay frozen. BatchNorm statistics stay frozen.
 - Class statistics: after stage 1, each new class's feature mean and covariance through the
-  current model (:class:`edgecl.classstats.ClassStats`); an old class's statistics are not
+  current model (:class:`edgecl.core.classstats.ClassStats`); an old class's statistics are not
   recomputed (its images are gone).
 - Classifier alignment (SLCA Sec. 4.2), every session after the first: a copy of all heads is
   re-trained on features drawn from N(mu_c, Sigma_c) for every seen class, with logit
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import pet as petlib
-from ..classstats import ClassStats, ClassStatsError
-from ..errors import EdgeclError
+from ..core.classstats import ClassStats, ClassStatsError
+from ..core.errors import EdgeclError
 from ..losses import logit_normalize, symmetric_cross_entropy
 from .base import Learner
 
