@@ -10,11 +10,11 @@ None, so a stale cache is never reused silently.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
+from edgecl.core.durable import write_bytes_durable, write_json_durable
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,8 @@ class CalibrationCache:
     def store(self, key: CacheKey, content=None, source: Optional[Path] = None) -> Path:
         """Write the cache (bytes ``content`` or a copy of ``source``) and then its key, each atomically."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".cache.tmp")
-        if source is not None:
-            shutil.copyfile(source, tmp)
-        else:
-            tmp.write_bytes(content)
-        os.replace(tmp, self.path)
-        ktmp = self.key_path.with_suffix(".tmp")
-        ktmp.write_text(json.dumps(asdict(key), indent=2))
-        os.replace(ktmp, self.key_path)
+        write_bytes_durable(self.path, Path(source).read_bytes() if source is not None else bytes(content))
+        write_json_durable(self.key_path, asdict(key))
         return self.path
 
     def invalidate(self) -> None:

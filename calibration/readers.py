@@ -23,8 +23,9 @@ def _image_root(path: Path) -> Path:
     return path / "train" if (path / "train").is_dir() else path
 
 
-def bundle_train_dir(manifest: dict):
-    root = (manifest.get("config", {}).get("data", {}) or {}).get("root")
+def bundle_train_dir(manifest):
+    """The training images of a bundle (:class:`edgecl.core.formats.BundleManifest`) when they are here."""
+    root = manifest.data_config.get("root")
     if not root:
         return None
     p = Path(root)
@@ -33,7 +34,7 @@ def bundle_train_dir(manifest: dict):
 
 def load_calibration_images(source, size: int, count: int, cache_dir=None, what: str = "--calib-data") -> np.ndarray:
     """``count`` uint8 RGB [N, size, size, 3] images from the ImageFolder ``source``."""
-    from edgecl.data import _list_classes, load_imagefolder
+    from edgecl.data import list_classes, load_imagefolder
 
     if count < 1:
         raise EdgeclError(f"--calib-count must be >= 1, got {count}")
@@ -41,7 +42,7 @@ def load_calibration_images(source, size: int, count: int, cache_dir=None, what:
     if not src.is_dir():
         raise EdgeclError(f"{what} {src} does not exist; pass an ImageFolder (DIR/<class>/<images>)")
     root = _image_root(src)
-    n_classes = len(_list_classes(root, what))
+    n_classes = len(list_classes(root, what))
     per_class = max(1, math.ceil(count / n_classes))
     images = load_imagefolder(root, size=size, per_class=per_class, cache_dir=cache_dir, progress=False, what=what)
     labels = np.asarray(images.labels)

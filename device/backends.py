@@ -85,7 +85,7 @@ class OrtBackend(Backend):
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
-        self.outputs = {ln: info["output"] for ln, info in learners.items()}
+        self.outputs = {ln: info.output for ln, info in learners.items()}
         model = str(onnx_path)
         try:
             blob = with_projection(onnx_path, projections) if projections else None
@@ -176,11 +176,10 @@ class TensorRTBackend(Backend):
                               f"version or for another GPU?); rebuild it on this board or use --backend ort")
         self.context = self.engine.create_execution_context()
         self.cuda = (cuda_factory or CudaMemory)()
-        self.outputs = {ln: info["output"] for ln, info in learners.items()}
+        self.outputs = {ln: info.output for ln, info in learners.items()}
         if not self.v10:
             self.binding = {self.engine.get_binding_name(i): i for i in range(self.engine.num_bindings)}
-        self.dims = {ln: self._feature_dim(out, info.get("feature_dim")) for ln, out, info in
-                     ((ln, self.outputs[ln], info) for ln, info in learners.items())}
+        self.dims = {ln: self._feature_dim(self.outputs[ln], info.feature_dim) for ln, info in learners.items()}
         in_bytes = max_batch * input_size * input_size * 3
         self.ptr = {input_name: self.cuda.malloc(in_bytes)}
         for ln, out in self.outputs.items():
@@ -235,33 +234,28 @@ class TensorRTBackend(Backend):
         return host
 
 
-def matching_plan(engine_dir, manifest: dict, trt_version: str | None, precision: str | None = None) -> str | None:
+def matching_plan(engine_dir, manifest, trt_version: str | None, precision: str | None = None) -> str | None:
     """The manifest's TensorRT plan built from this engine's ONNX (hash in its name/entry) for
     this TensorRT version (and ``precision`` when given); the best precision first (int8, fp16, fp32)."""
-    files = manifest.get("files", {})
     rank = {"int8": 0, "fp16": 1, "fp32": 2}
     found = []
-    for e in manifest.get("engines", []) or []:
-        onnx = e.get("onnx", "model.fp32.onnx")
-        sha = files.get(onnx)
-        name = e.get("file", "")
-        if sha and sha[:12] in name and (trt_version is None or e.get("tensorrt") == trt_version) \
-                and (precision is None or e.get("precision") == precision) and (Path(engine_dir) / name).is_file():
-            found.append((rank.get(e.get("precision"), 3), name))
+    for e in manifest.engines:
+        sha = manifest.files.get(e.onnx)
+        if sha and sha[:12] in e.file and (trt_version is None or e.tensorrt == trt_version) \
+                and (precision is None or e.precision == precision) and (Path(engine_dir) / e.file).is_file():
+            found.append((rank.get(e.precision, 3), e.file))
     return min(found)[1] if found else None
 
 
-def open_backend(engine_dir, manifest: dict, choice: str = "auto", threads: int = 0, log: Callable = print,
+def open_backend(engine_dir, manifest, choice: str = "auto", threads: int = 0, log: Callable = print,
                  projections: dict | None = None, precision: str | None = None) -> Backend:
     """The backend for ``--backend CHOICE`` (module docstring); logs what was chosen. ``precision``
     picks the model of that precision (default: the one the export was made for); ``backend.model``
     names the file that runs."""
-    from .engine_dir import model_file
-
     if choice not in CHOICES:
         raise EdgeclError(f"--backend {choice!r}: choose one of {', '.join(CHOICES)}")
-    size = int(manifest["input"]["size"])
-    learners = manifest["learners"]
+    size = int(manifest.input.size)
+    learners = manifest.learners
     if choice in ("auto", "trt"):
         try:
             import tensorrt as trt
@@ -269,8 +263,8 @@ def open_backend(engine_dir, manifest: dict, choice: str = "auto", threads: int 
             trt = None
         plan = matching_plan(engine_dir, manifest, trt.__version__ if trt is not None else None, precision)
         if trt is not None and plan is not None:
-            backend = TensorRTBackend(Path(engine_dir) / plan, learners, size, manifest["input"]["name"],
-                                      max_batch=int((manifest.get("batch_range") or [1, 1, 32])[2]), trt=trt)
+            backend = TensorRTBackend(Path(engine_dir) / plan, learners, size, manifest.input.name or "input",
+                                      max_batch=int(manifest.batch_range[2]), trt=trt)
             backend.model = plan
             log(f"backend: {backend.name} (--backend {choice})")
             return backend
@@ -281,7 +275,7 @@ def open_backend(engine_dir, manifest: dict, choice: str = "auto", threads: int 
                               f"in {engine_dir}; build one with edgecl export BUNDLE --out {engine_dir} --trt "
                               f"(or the trtexec command in the manifest), or use --backend ort")
     providers = {"ort-trt": ORT_PROVIDERS[:1], "ort-cuda": ORT_PROVIDERS[1:2], "ort-cpu": ORT_PROVIDERS[2:]}.get(choice)
-    onnx_file = model_file(manifest, precision)
+    onnx_file = manifest.model_file(precision)
     backend = OrtBackend(Path(engine_dir) / onnx_file, learners, size, providers, threads, projections)
     backend.model = onnx_file
     log(f"backend: {backend.name} (--backend {choice})")

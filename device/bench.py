@@ -64,10 +64,13 @@ def run_bench(engine_dir, backend: str = "auto", frames: int = 200, warmup: int 
                   "host_fraction_of_engine": round(float(np.median(host) / np.median(engine)), 4),
                   "fps": round(fps_frames / wall, 2)}
 
-        ridge_learners = [ln for ln, k in rt.heads.learners.items() if k == "ranpac"]
+        heads = rt.heads.heads
+        if not all(h.enrollable for h in heads.values()):
+            kinds = ", ".join(sorted({h.kind for h in heads.values() if not h.enrollable}))
+            result["enroll"] = {"skipped": f"the engine's {kinds} head cannot enroll"}
+            return result
         t0 = time.perf_counter()
-        for ln in ridge_learners:
-            rt.heads.ridge(ln).prepare()  # load G, first factor
+        rt.heads.prepare()  # load the statistics, first factorisation
         prepare_ms = 1000 * (time.perf_counter() - t0)
         enroll_ms, feat_ms, commit_ms = [], [], []
         for c in range(enroll_classes):
@@ -78,15 +81,15 @@ def run_bench(engine_dir, backend: str = "auto", frames: int = 200, warmup: int 
             t0 = time.perf_counter()
             rt.heads.commit()
             commit_ms.append(1000 * (time.perf_counter() - t0))
-        M = {ln: rt.heads.ridge(ln).M for ln in ridge_learners}
         t0 = time.perf_counter()
-        for ln in ridge_learners:
-            rt.heads.ridge(ln).refactor(resolve_W=True)
+        for head in heads.values():
+            head.refactor()
         refactor_ms = 1000 * (time.perf_counter() - t0)
         gens = rt.heads.store.generations()
         result.update({
             "enroll": {"classes": enroll_classes, "frames_per_class": enroll_frames, "views": list(DEFAULT_VIEWS),
-                       "rows_per_class": enroll_frames * (1 if AVERAGE_VIEWS else len(DEFAULT_VIEWS)), "M": M,
+                       "rows_per_class": enroll_frames * (1 if AVERAGE_VIEWS else len(DEFAULT_VIEWS)),
+                       "heads": {ln: {"kind": h.kind, "row_width": h.width} for ln, h in heads.items()},
                        "enroll_ms_per_class": _stats(enroll_ms) if enroll_ms else None,
                        "feature_ms_per_class": _stats(feat_ms) if feat_ms else None,
                        "commit_ms": _stats(commit_ms) if commit_ms else None,

@@ -1,18 +1,21 @@
 """The engine directory written by ``edgecl export``: reading and verifying it, torch-free.
 
-Layout (``manifest.json`` binds everything by sha256)::
+Layout (``manifest.json``, an :class:`edgecl.core.formats.EngineManifest`, binds everything by
+sha256)::
 
     manifest.json          format "edgecl-engine", version, input contract, learners, models
     model.fp32.onnx        the graph: uint8 NHWC frame (BGR) -> features_<learner> per learner
     model.int8.qdq.onnx    (int8) ONNX Runtime static-quantized QDQ graph
-    heads.safetensors      per learner "<learner>.<tensor>": ranpac.W / ranpac.W_rand,
+    heads.safetensors      per learner "<learner>.<kind>.<tensor>": ranpac.W / ranpac.W_rand,
                            prototypes.sums / prototypes.counts, or linear.weight / linear.bias
-    stats.safetensors      per learner "<learner>.<tensor>": ranpac.G / ranpac.Q / ranpac.counts (enrollment)
+    stats.safetensors      per learner "<learner>.<kind>.<tensor>": ranpac.G / ranpac.Q / ranpac.counts
+                           (enrollment); SLCA family: classstats.*
     classes.json           class names in logit order
     parity.json            ONNX Runtime vs PyTorch report of the export
     calibration/           INT8 calibration caches with their keys
     *.plan, timing.cache   TensorRT engines (names carry precision, TensorRT version, device and
                            the ONNX hash) and the builder's timing cache (not bound)
+    store/                 what the device learned since (edgecl.device.store; never bound)
 
 Only numpy (and safetensors' numpy API) is needed to read it.
 """
@@ -20,94 +23,81 @@ Only numpy (and safetensors' numpy API) is needed to read it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from edgecl.core.durable import read_manifest_json, sha256_file
+from edgecl.core.durable import sha256_file
 from edgecl.core.errors import EdgeclError
+from edgecl.core.formats import EngineManifest, engine_fix, manifest_format, split_learner, unpack
 
-FORMAT = "edgecl-engine"
-FORMAT_VERSION = 1
+from .heads import load_head
 
 
 def is_engine_dir(path) -> bool:
-    mf = Path(path) / "manifest.json"
-    if not mf.is_file():
-        return False
-    try:
-        return json.loads(mf.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
+    return manifest_format(path) == EngineManifest.FORMAT
 
 
-def read_manifest(path) -> dict:
-    return read_manifest_json(path, FORMAT, FORMAT_VERSION, "engine directory",
-                              f"create it with edgecl export BUNDLE --out {path}")
+def read_manifest(path) -> EngineManifest:
+    return EngineManifest.read(path)
 
 
-def verify(path, manifest: dict, names=None) -> None:
+def verify(path, manifest: EngineManifest, names=None) -> None:
     """Refuse a missing file or one whose sha256 differs from the manifest's (``names``: the
     files to check, default all bound files)."""
     path = Path(path)
-    files = manifest.get("files", {})
+    files = manifest.files
     for name in (names if names is not None else files):
         if name not in files:
-            raise EdgeclError(f"engine directory {path}: {name} is not bound by its manifest; re-run edgecl export")
+            raise EdgeclError(f"engine directory {path}: {name} is not bound by its manifest; {engine_fix(path)}")
         f = path / name
         if not f.is_file():
-            raise EdgeclError(f"engine directory {path} is incomplete: {name} is missing; re-run edgecl export")
+            raise EdgeclError(f"engine directory {path} is incomplete: {name} is missing; {engine_fix(path)}")
         if sha256_file(f) != files[name]:
             raise EdgeclError(f"engine directory {path}: {name} does not match the manifest's hash (the parts are "
-                              f"mismatched or were edited); re-run edgecl export")
+                              f"mismatched or were edited); {engine_fix(path)}")
 
 
-def default_precision(manifest: dict) -> str:
-    """The ONNX model an engine directory runs by default: the precision it was exported for,
-    or fp32 when that has no ONNX model of its own (an fp16 TensorRT export runs its fp32 ONNX
-    outside TensorRT)."""
-    precision = manifest.get("precision", "fp32")
-    return precision if precision in manifest.get("models", {}) else "fp32"
-
-
-def model_file(manifest: dict, precision: str | None = None) -> str:
-    """The ONNX file of ``precision`` (default :func:`default_precision`); an explicit precision
-    the directory lacks is refused."""
-    precision = precision or default_precision(manifest)
-    models = manifest.get("models", {})
-    if precision not in models:
-        raise EdgeclError(f"the engine directory has no {precision} ONNX model (it has: {', '.join(models)}); "
-                          f"export with --precision {precision}")
-    return models[precision]["file"]
-
-
-def load_tensors(path, manifest: dict, stem: str) -> dict:
-    """{learner: {tensor name: ndarray}} from ``heads`` / ``stats``."""
+def load_tensors(path, manifest: EngineManifest, stem: str) -> dict:
+    """{learner: {"<kind>.<name>": ndarray}} from ``heads`` / ``stats`` ({} per learner when the
+    directory has no such file)."""
     from safetensors.numpy import load_file
 
     name = f"{stem}.safetensors"
-    if name not in manifest.get("files", {}):
-        return {ln: {} for ln in manifest["learners"]}
-    flat = load_file(str(Path(path) / name))
-    out = {ln: {} for ln in manifest["learners"]}
-    for key, value in flat.items():
-        learner, _, rest = key.partition(".")
-        if learner in out:
-            out[learner][rest] = value
-    return out
+    if name not in manifest.files:
+        return {ln: {} for ln in manifest.learners}
+    return split_learner(load_file(str(Path(path) / name)), list(manifest.learners))
 
 
-def load_heads(path, manifest: dict) -> dict:
-    from .heads import Head
-
+def load_heads(path, manifest: EngineManifest) -> dict:
+    """{learner: :class:`~edgecl.device.heads.Head`} through the head registry."""
     tensors = load_tensors(path, manifest, "heads")
-    return {ln: Head(info["head"], tensors[ln]) for ln, info in manifest["learners"].items()}
+    return {ln: load_head(info.head, unpack(tensors[ln], info.head), f"engine directory {path}, learner {ln!r}")
+            for ln, info in manifest.learners.items()}
 
 
-def class_names(path, manifest: dict) -> list:
-    return json.loads((Path(path) / "classes.json").read_text())
+def class_names(path, manifest: EngineManifest) -> list:
+    f = Path(path) / manifest.classes.file
+    try:
+        names = json.loads(f.read_text())
+    except (OSError, ValueError) as exc:
+        raise EdgeclError(f"engine directory {path}: {manifest.classes.file} cannot be read ({exc}); "
+                          f"{engine_fix(path)}") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise EdgeclError(f"engine directory {path}: {manifest.classes.file} is not a list of class names; "
+                          f"{engine_fix(path)}")
+    return names
 
 
-def open_engine_dir(path, verify_files: bool = True) -> dict:
-    """Read and verify: ``{"manifest", "heads": {learner: Head}, "classes": [...]}``."""
+@dataclass
+class EngineDir:
+    path: Path
+    manifest: EngineManifest
+    heads: dict
+    classes: list
+
+
+def open_engine_dir(path, verify_files: bool = True) -> EngineDir:
+    """Read and verify an engine directory: its manifest, heads (through the registry) and classes."""
     manifest = read_manifest(path)
     if verify_files:
         verify(path, manifest)
@@ -116,5 +106,5 @@ def open_engine_dir(path, verify_files: bool = True) -> dict:
     for ln, head in heads.items():
         if head.num_classes != len(classes):
             raise EdgeclError(f"engine directory {path}: learner {ln}'s head has {head.num_classes} classes but "
-                              f"classes.json names {len(classes)}; re-run edgecl export")
-    return {"manifest": manifest, "heads": heads, "classes": classes}
+                              f"{manifest.classes.file} names {len(classes)}; {engine_fix(path)}")
+    return EngineDir(Path(path), manifest, heads, classes)

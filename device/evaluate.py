@@ -33,14 +33,14 @@ def evaluate_engine_dir(path, data, split: str = "val", per_class: Optional[int]
     root = Path(data)
     folder = root / split if (root / split).is_dir() else root
     if per_class is None:
-        per_class = (manifest.get("source_bundle") or {}).get("val_per_class")
+        per_class = manifest.source_bundle.val_per_class
     images = load_imagefolder(folder, size=rt.size, per_class=per_class, progress=progress)
     classes = rt.classes
     rows, y = images.relabel(classes)
     if len(rows) == 0:
         raise EdgeclError(f"none of the class folders in {folder} is a class of engine directory {path} "
                           f"(it knows {len(classes)} classes, e.g. {', '.join(classes[:3])})")
-    bgr = manifest["input"]["channel_order"].upper() == "BGR"
+    bgr = manifest.input.channel_order.upper() == "BGR"
     logits: dict = {}
     for s in range(0, len(rows), batch):
         frames = np.asarray(images.images[rows[s:s + batch]])

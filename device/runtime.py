@@ -75,12 +75,12 @@ class Runtime:
     def __init__(self, engine_dir, backend: str = "auto", store=None, threads: int = 0, policy=None,
                  project_in_engine: bool = True, precision: str | None = None, log: Callable = print):
         self.engine_dir = Path(engine_dir)
-        manifest = open_engine_dir(engine_dir)["manifest"]  # hashes verified, heads match classes.json
+        manifest = open_engine_dir(engine_dir).manifest  # hashes verified, heads match classes.json
         self.manifest = manifest
-        self.size = int(manifest["input"]["size"])
-        self.aggregation = manifest.get("aggregation") or {}
+        self.size = int(manifest.input.size)
+        self.aggregation = manifest.aggregation
         self.heads = ClassHeads(engine_dir, manifest, store, policy=policy, log=log)
-        proj = {ln: W for ln, W in self.heads.W_rand.items() if W is not None} if project_in_engine else None
+        proj = self.heads.projections if project_in_engine else None
         self.backend = open_backend(engine_dir, manifest, backend, threads, log, projections=proj, precision=precision)
         self.log = log
 
@@ -110,6 +110,20 @@ class Runtime:
         scores, w = self.predict_features(feats)
         t2 = time.perf_counter()
         return {"scores": scores, "weights": w, "engine_ms": 1000 * (t1 - t0), "heads_ms": 1000 * (t2 - t1)}
+
+    def enroll_source(self, name: str, spec: str, max_frames: int | None = None, views=None) -> dict:
+        """Enroll class ``name`` from the frames of a ``--source`` spec (an image folder, a video,
+        a camera: its first ``max_frames`` frames); blank frames are skipped (not committed)."""
+        from .enroll import usable_frames
+        from .sources import open_source
+
+        with open_source(spec, log=self.log) as src:
+            raw = []
+            for f in src:
+                raw.append(self.fit(f))
+                if max_frames is not None and len(raw) >= max_frames:
+                    break
+        return self.enroll_frames(name, usable_frames(raw, spec), views=views)
 
     def enroll_frames(self, name: str, frames: np.ndarray, views=None, average_views: bool | None = None) -> dict:
         """Augment fitted frames, extract features, update the heads (not yet committed)."""

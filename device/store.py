@@ -46,9 +46,8 @@ from edgecl.core.durable import (
     write_bytes_durable,
 )
 from edgecl.core.errors import EdgeclError
+from edgecl.core.formats import ClassEntry, EngineIdentity, StoreMeta, StoreRecord
 
-FORMAT = "edgecl-store"
-FORMAT_VERSION = 1
 KEEP = 2
 _GEN = re.compile(r"^gen-(\d{8})\.json$")
 
@@ -61,21 +60,14 @@ def committed_generations(path) -> list:
     return sorted((int(m.group(1)) for f in path.iterdir() if (m := _GEN.match(f.name))), reverse=True)
 
 
-def engine_identity(manifest: dict) -> dict:
-    """The hashes that make a store valid for an engine directory: model, heads, statistics."""
-    files = manifest.get("files", {})
-    model = (manifest.get("models", {}).get("fp32") or {}).get("file", "model.fp32.onnx")
-    return {"model_sha256": files.get(model), "heads_sha256": files.get("heads.safetensors"),
-            "stats_sha256": files.get("stats.safetensors")}
-
-
 @dataclass
 class StoreState:
-    """One generation. ``classes``: dicts ``{"name", "base": index in classes.json or None,
-    "uid": enrolled id or None}`` in logit order; ``removed_base``: engine classes taken out;
-    ``rows``: {learner: float32 [R, width]} (head inputs), ``row_uid`` int64 [R]; ``W``: {learner: [M, C]}."""
+    """One generation. ``classes``: :class:`~edgecl.core.formats.ClassEntry` (name, ``base``: index
+    in classes.json, or ``uid``: enrolled id) in logit order; ``removed_base``: engine classes taken
+    out; ``rows``: {learner: float32 [R, width]} (head inputs), ``row_uid`` int64 [R]; ``W``:
+    {learner: a head's persisted solution (RanPAC: [M, C])}."""
 
-    engine: dict
+    engine: EngineIdentity
     classes: list
     policy: dict
     removed_base: list = field(default_factory=list)
@@ -86,15 +78,26 @@ class StoreState:
     next_uid: int = 0
     history: list = field(default_factory=list)
 
+    @classmethod
+    def initial(cls, engine: EngineIdentity, names: list, policy: dict, widths: dict) -> "StoreState":
+        """Generation 0: the engine directory's classes, nothing enrolled."""
+        return cls(engine=engine, policy=dict(policy), classes=[ClassEntry(n, base=i) for i, n in enumerate(names)],
+                   rows={ln: np.zeros((0, w), np.float32) for ln, w in widths.items()})
+
     @property
     def names(self) -> list:
-        return [c["name"] for c in self.classes]
+        return [c.name for c in self.classes]
 
     def index(self, name: str) -> int:
         for i, c in enumerate(self.classes):
-            if c["name"] == name:
+            if c.name == name:
                 return i
         return -1
+
+    def unchanged(self) -> bool:
+        """Whether this state is still the engine directory's own (nothing enrolled, renamed... removed)."""
+        return not self.removed_base and len(self.row_uid) == 0 and all(
+            c.base == i for i, c in enumerate(self.classes))
 
     def rows_of(self, uid: int) -> np.ndarray:
         return np.where(self.row_uid == uid)[0]
@@ -107,9 +110,8 @@ class StoreState:
     def to_bytes(self) -> bytes:
         from safetensors.numpy import save
 
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "generation": self.generation,
-                "engine": self.engine, "classes": self.classes, "policy": self.policy,
-                "removed_base": self.removed_base, "next_uid": self.next_uid, "history": self.history[-50:]}
+        meta = StoreMeta(generation=self.generation, engine=self.engine, classes=self.classes, policy=self.policy,
+                         removed_base=self.removed_base, next_uid=self.next_uid, history=self.history[-50:]).to_json()
         tensors = {"row_uid": np.ascontiguousarray(self.row_uid, dtype=np.int64)}
         for ln, r in self.rows.items():
             tensors[f"{ln}.rows"] = np.ascontiguousarray(r, dtype=np.float32)
@@ -118,25 +120,24 @@ class StoreState:
         return save(tensors, metadata={"state": json.dumps(meta)})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> StoreState:
+    def from_bytes(cls, data: bytes, source: str = "store state") -> StoreState:
         from safetensors.numpy import load
 
         (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(json.loads(data[8:8 + n])["__metadata__"]["state"])
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} state")
+        meta = StoreMeta.parse(json.loads(json.loads(data[8:8 + n])["__metadata__"]["state"]), source)
         t = load(data)
         rows = {k[:-len(".rows")]: v for k, v in t.items() if k.endswith(".rows")}
         W = {k[:-len(".W")]: v for k, v in t.items() if k.endswith(".W")}
-        return cls(engine=meta["engine"], classes=meta["classes"], policy=meta["policy"],
-                   removed_base=meta["removed_base"], rows=rows, row_uid=t["row_uid"], W=W,
-                   generation=meta["generation"], next_uid=meta["next_uid"], history=meta.get("history", []))
+        return cls(engine=meta.engine, classes=meta.classes, policy=meta.policy, removed_base=meta.removed_base,
+                   rows=rows, row_uid=t["row_uid"], W=W, generation=meta.generation, next_uid=meta.next_uid,
+                   history=meta.history)
 
 
 class ClassStore:
-    """A store directory (module docstring). ``engine``: :func:`engine_identity` of the engine."""
+    """A store directory (module docstring). ``engine``: the engine's identity
+    (:meth:`edgecl.core.formats.EngineManifest.identity`)."""
 
-    def __init__(self, path, engine: dict, log: Callable = print):
+    def __init__(self, path, engine: EngineIdentity, log: Callable = print):
         self.path, self.engine, self.log = Path(path), engine, log
         self.seen_generation = 0  # the newest committed generation when last loaded/committed
 
@@ -146,32 +147,42 @@ class ClassStore:
     def _files(self, gen: int) -> tuple:
         return self.path / f"gen-{gen:08d}.safetensors", self.path / f"gen-{gen:08d}.json"
 
-    def _refuse_other_engine(self, record: dict) -> None:
-        if record.get("engine") != self.engine:
+    def _refuse_other_engine(self, engine: EngineIdentity) -> None:
+        if engine != self.engine:
             raise EdgeclError(f"store {self.path} belongs to another engine (model sha256 "
-                              f"{str((record.get('engine') or {}).get('model_sha256'))[:12]}..., this engine directory "
-                              f"has {str(self.engine.get('model_sha256'))[:12]}...); use the engine directory it was "
-                              f"made with, or pass another --store/--out")
+                              f"{str(engine.model_sha256)[:12]}..., this engine directory has "
+                              f"{str(self.engine.model_sha256)[:12]}...); use the engine directory it was made "
+                              f"with, or pass another --store/--out")
+
+    def _record(self, gen: int) -> StoreRecord:
+        """Generation ``gen``'s commit record; a damaged one raises ValueError (the caller falls back)."""
+        try:
+            record = StoreRecord.read(self._files(gen)[1])
+        except EdgeclError as exc:
+            raise ValueError(str(exc)) from None
+        if record.generation != gen:
+            raise ValueError(f"record says generation {record.generation}")
+        return record
 
     def _check_engine(self, gen: int) -> None:
         """Refuse to commit on top of another engine's store (an unreadable record is no evidence)."""
         try:
-            record = json.loads(self._files(gen)[1].read_text())
-        except (OSError, ValueError):
+            record = self._record(gen)
+        except ValueError:
             return
-        if record.get("engine") is not None:
-            self._refuse_other_engine(record)
+        self._refuse_other_engine(record.engine)
 
     def _read(self, gen: int) -> StoreState:
-        data_file, record_file = self._files(gen)
-        record = json.loads(record_file.read_text())
-        if record.get("format") != FORMAT or record.get("generation") != gen:
-            raise ValueError("record is not a store commit record")
-        self._refuse_other_engine(record)
+        data_file = self._files(gen)[0]
+        record = self._record(gen)
+        self._refuse_other_engine(record.engine)
         data = data_file.read_bytes()
-        if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+        if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
             raise ValueError(f"{data_file.name} does not match its record (torn or corrupt)")
-        state = StoreState.from_bytes(data)
+        try:
+            state = StoreState.from_bytes(data, str(data_file))
+        except EdgeclError as exc:
+            raise ValueError(str(exc)) from None
         state.generation = gen
         return state
 
@@ -211,11 +222,10 @@ class ClassStore:
             data = state.to_bytes()
             data_file, record_file = self._files(gen)
             write_bytes_durable(data_file, data)
-            record = {"format": FORMAT, "format_version": FORMAT_VERSION, "generation": gen,
-                      "file": data_file.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                      "engine": self.engine, "classes": len(state.classes),
-                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            write_bytes_durable(record_file, json.dumps(record, indent=1).encode())  # the commit point
+            record = StoreRecord(generation=gen, file=data_file.name, bytes=len(data),
+                                 sha256=hashlib.sha256(data).hexdigest(), engine=self.engine,
+                                 classes=len(state.classes), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            write_bytes_durable(record_file, json.dumps(record.to_json(), indent=1).encode())  # the commit point
             self._prune(gen)
         self.seen_generation = gen
         return gen
@@ -234,17 +244,17 @@ class ClassStore:
         return sum(f.stat().st_size for f in self.path.glob("gen-*")) if self.path.is_dir() else 0
 
 
-def store_record(path) -> dict:
-    """The newest commit record of a store directory (for ``merge``), without an engine."""
+def store_record(path) -> StoreRecord:
+    """The newest readable commit record of a store directory (for ``merge``), without an engine."""
     path = Path(path)
     if not path.is_dir():
         raise EdgeclError(f"store {path} does not exist; enroll a class first (edgecl enroll ENGINE_DIR ...)")
     for gen in committed_generations(path):
         try:
-            record = json.loads((path / f"gen-{gen:08d}.json").read_text())
-            if sha256_file(path / record["file"]) == record["sha256"]:
+            record = StoreRecord.read(path / f"gen-{gen:08d}.json")
+            if sha256_file(path / record.file) == record.sha256:
                 return record
-        except (OSError, ValueError, KeyError):
+        except (OSError, EdgeclError):
             continue
     raise EdgeclError(f"{path} holds no readable store generation (gen-*.json with a matching .safetensors)")
 
@@ -258,8 +268,7 @@ def merge_states(states: list, names: list) -> StoreState:
     for st, name in zip(states[1:], names[1:]):
         if st.engine != first.engine:
             raise EdgeclError(f"cannot merge {name} with {names[0]}: they belong to different engines (model sha256 "
-                              f"{str(st.engine.get('model_sha256'))[:12]}... vs "
-                              f"{str(first.engine.get('model_sha256'))[:12]}...)")
+                              f"{str(st.engine.model_sha256)[:12]}... vs {str(first.engine.model_sha256)[:12]}...)")
         if st.policy != first.policy:
             raise EdgeclError(f"cannot merge {name} with {names[0]}: different enrollment weighting "
                               f"({st.policy} vs {first.policy})")
@@ -269,30 +278,29 @@ def merge_states(states: list, names: list) -> StoreState:
     for st, name in zip(states, names):
         removed |= set(st.removed_base)
         for c in st.classes:
-            if c["base"] is not None and base_names.setdefault(c["base"], c["name"]) != c["name"]:
-                raise EdgeclError(f"cannot merge: engine class {c['base']} is named {base_names[c['base']]!r} in "
-                                  f"one store and {c['name']!r} in {name}; rename it the same way first")
+            if c.base is not None and base_names.setdefault(c.base, c.name) != c.name:
+                raise EdgeclError(f"cannot merge: engine class {c.base} is named {base_names[c.base]!r} in "
+                                  f"one store and {c.name!r} in {name}; rename it the same way first")
     merged = StoreState(engine=first.engine, classes=[], policy=first.policy, removed_base=sorted(removed))
-    order = sorted(base_names) if base_names else []
-    merged.classes = [{"name": base_names[b], "base": b, "uid": None} for b in order if b not in removed]
-    taken = {c["name"] for c in merged.classes}
+    merged.classes = [ClassEntry(base_names[b], base=b) for b in sorted(base_names) if b not in removed]
+    taken = {c.name for c in merged.classes}
     rows = {ln: [] for ln in learners}
     uids = []
     by_name: dict = {}
     for st in states:
         for c in st.classes:
-            if c["base"] is not None:
+            if c.base is not None:
                 continue
-            if c["name"] in taken and c["name"] not in by_name:
-                raise EdgeclError(f"cannot merge: enrolled class {c['name']!r} has the name of an engine class")
-            if c["name"] not in by_name:
-                by_name[c["name"]] = merged.next_uid
-                merged.classes.append({"name": c["name"], "base": None, "uid": merged.next_uid})
+            if c.name in taken and c.name not in by_name:
+                raise EdgeclError(f"cannot merge: enrolled class {c.name!r} has the name of an engine class")
+            if c.name not in by_name:
+                by_name[c.name] = merged.next_uid
+                merged.classes.append(ClassEntry(c.name, uid=merged.next_uid))
                 merged.next_uid += 1
-            sel = st.rows_of(c["uid"])
+            sel = st.rows_of(c.uid)
             for ln in learners:
                 rows[ln].append(st.rows[ln][sel])
-            uids.append(np.full(len(sel), by_name[c["name"]], np.int64))
+            uids.append(np.full(len(sel), by_name[c.name], np.int64))
     merged.rows = {ln: (np.concatenate(v) if v else np.zeros((0, first.rows[ln].shape[1]), np.float32))
                    for ln, v in rows.items()}
     merged.row_uid = np.concatenate(uids) if uids else np.zeros(0, np.int64)
@@ -300,14 +308,30 @@ def merge_states(states: list, names: list) -> StoreState:
     return merged
 
 
+def merge_stores(stores: list, out, log: Callable = print) -> tuple:
+    """``edgecl merge``: read the newest generation of each store, merge them
+    (:func:`merge_states`) and commit the result to the store ``out`` (which may be one of them).
+    Returns (merged state, committed generation)."""
+    states = []
+    for path in stores:
+        record = store_record(path)
+        state = ClassStore(path, record.engine, log=log).load()
+        if state is None:
+            raise EdgeclError(f"{path} holds no readable store generation")
+        states.append(state)
+    merged = merge_states(states, [str(p) for p in stores])
+    gen = ClassStore(out, merged.engine, log=log).commit(merged)
+    return merged, gen
+
+
 def default_store_path(engine_dir) -> Path:
     return Path(engine_dir) / "store"
 
 
-def ensure_not_bound(engine_dir, store_path, manifest: dict) -> None:
+def ensure_not_bound(engine_dir, store_path, manifest) -> None:
     """The store must not overwrite a file the engine manifest binds."""
     rel = os.path.relpath(Path(store_path).resolve(), Path(engine_dir).resolve())
-    for name in manifest.get("files", {}):
+    for name in manifest.files:
         if name == rel or name.startswith(rel.rstrip("/") + "/"):
             raise EdgeclError(f"--store {store_path} would overwrite {name} of the engine directory; "
                               "choose another path")

@@ -9,6 +9,7 @@ import click
 
 from .core.errors import EdgeclError
 from .core.extras import missing_message, require_all
+from .learners import REGISTRY as LEARNERS
 
 # what the commands import beyond the base install, checked before any work (edgecl/core/extras.py)
 LOAD_BUNDLE = ("torch", "torchvision", "timm")
@@ -56,7 +57,7 @@ def cli():
                                     "--dataset cifar100|imagenet-r).")
 @click.option("--val-data", help="A separate ImageFolder to evaluate on (then --data is the training folder).")
 @click.option("--dataset", type=str, help="imagefolder (default), cifar100 or imagenet-r.")
-@click.option("--method", required=True, help="simplecil, ranpac, safe, slca, slcapp or seqft.")
+@click.option("--method", required=True, help=f"The learner: {', '.join(LEARNERS)}.")
 @click.option("--profile", help="quick (CPU, minutes) or full (GPU, the papers' settings).")
 @click.option("--backbone", help="A timm model name (default tf_efficientnet_lite0, weights embedded).")
 @click.option("--weights", help="Backbone weights: a state-dict file, 'random', or 'default' (embedded).")
@@ -224,6 +225,8 @@ def enroll(engine_dir, name, images, source, frames, renames, removes, list_clas
         for i, c in enumerate(rt.classes):
             click.echo(f"{i}\t{c}")
         return
+    if name:
+        rt.heads.check_enrollable()  # before any rename or remove
     for spec in renames:
         old, sep, new = spec.partition("=")
         if not sep or not old or not new:
@@ -232,23 +235,8 @@ def enroll(engine_dir, name, images, source, frames, renames, removes, list_clas
     for label in removes:
         rt.heads.remove(label)
     if name:
-        from .device.enroll import usable_frames
-        from .device.sources import open_source
-
-        what = images or source
-        if images:
-            src = open_source(images, log=click.echo)
-            raw = list(src)
-        else:
-            with open_source(source, log=click.echo) as src:
-                raw = []
-                for f in src:
-                    raw.append(f)
-                    if len(raw) >= frames:
-                        break
-        fitted = [rt.fit(f) for f in raw]
-        usable = usable_frames(fitted, what)
-        info = rt.enroll_frames(name, usable, views=tuple(v.strip() for v in views.split(",") if v.strip()))
+        info = rt.enroll_source(name, images or source, max_frames=None if images else frames,
+                                views=tuple(v.strip() for v in views.split(",") if v.strip()))
         click.echo(f"enrolled {name!r}: {info['frames']} frames ({info['rows']} rows), features "
                    f"{info['features_ms']:.0f} ms, head update {info['update_ms']:.1f} ms")
     gen = rt.heads.commit()
@@ -319,29 +307,16 @@ def bench(engine_dir, as_json, frames, frame_size, enroll_classes, enroll_frames
 @click.option("--engine-dir", type=click.Path(), help="Solve the merged heads now (else at first use).")
 def merge(stores, out, engine_dir):
     """Sum the class statistics of several devices' stores (same engine) exactly."""
-    from .device.store import ClassStore, merge_states, store_record
+    from .device.store import merge_stores
 
-    states = []
-    for path in stores:
-        record = store_record(path)
-        state = ClassStore(path, record["engine"], log=click.echo).load()
-        if state is None:
-            raise EdgeclError(f"{path} holds no readable store generation")
-        states.append(state)
-    merged = merge_states(states, list(stores))
-    target = ClassStore(out, merged.engine, log=click.echo)
-    gen = target.commit(merged)
+    merged, gen = merge_stores(list(stores), out, log=click.echo)
     click.echo(f"merged {len(stores)} stores into {out} generation {gen}: {len(merged.classes)} classes, "
                f"{len(merged.row_uid)} enrolled rows")
     if engine_dir:
         require_all(ENGINE, "edgecl merge --engine-dir")
-        from .device.engine_dir import read_manifest, verify
-        from .device.enroll import ClassHeads
+        from .device.enroll import solve_store
 
-        manifest = read_manifest(engine_dir)
-        verify(engine_dir, manifest)
-        heads = ClassHeads(engine_dir, manifest, out, log=click.echo)
-        click.echo(f"solved the heads: generation {heads.commit()}")
+        click.echo(f"solved the heads: generation {solve_store(engine_dir, out, log=click.echo)}")
 
 
 @cli.command()

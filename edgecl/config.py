@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .core.errors import EdgeclError
+from .data import DATASETS
+from .learners import REGISTRY as LEARNERS
 
-METHODS = ("simplecil", "ranpac", "safe", "slca", "slcapp", "seqft")
 PROFILES = ("quick", "full", "demo")  # demo: used by `edgecl demo`
 
 
@@ -38,7 +39,7 @@ def _choices(*values: str) -> dict:
 class DataConfig:
     """Where the images come from and how the class-incremental sessions are cut."""
 
-    dataset: str = field(default="imagefolder", metadata=_choices("imagefolder", "cifar100", "imagenet-r"))
+    dataset: str = field(default="imagefolder", metadata=_choices(*DATASETS))
     root: Optional[str] = None  # --data: ImageFolder root (with train/ and val/) or download dir
     val_root: Optional[str] = None  # --val-data: separate ImageFolder for evaluation
     split: str = "B0Inc10"  # B{base}Inc{K}: base-session classes, then K new classes per session
@@ -154,7 +155,7 @@ class SLCAConfig:
 class Config:
     """The whole resolved configuration of one run; saved as ``config.yaml`` in the bundle."""
 
-    method: str = field(default="ranpac", metadata=_choices(*METHODS))
+    method: str = field(default="ranpac", metadata={"choices": LEARNERS})  # the learner registry
     profile: Optional[str] = field(default=None, metadata=_choices(*PROFILES))
     seed: int = 1993
     data: DataConfig = field(default_factory=DataConfig)
@@ -280,8 +281,8 @@ def resolve_config(
     overrides: Optional[dict] = None,
 ) -> Config:
     """Build the run's :class:`Config` (see the module docstring for the order)."""
-    if method not in METHODS:
-        raise EdgeclError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if method not in LEARNERS:
+        raise EdgeclError(f"unknown method {method!r}; choose one of: {', '.join(LEARNERS)}")
     if profile is not None and profile not in PROFILES:
         raise EdgeclError(f"unknown profile {profile!r} (--profile); choose one of: {', '.join(PROFILES)}")
     cfg = Config(method=method, profile=profile)

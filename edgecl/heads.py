@@ -182,6 +182,14 @@ class RanPACHead:
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.project(features) @ self.W.to(features.device)
 
+    def head_tensors(self) -> dict:
+        """What the classifier needs (``heads.safetensors``): W, W_rand, lambda."""
+        return {k: v for k, v in self.state().items() if k in ("W", "W_rand", "lambda")}
+
+    def stats_tensors(self) -> dict:
+        """The sufficient statistics (``stats.safetensors``): G, Q and the per-class counts."""
+        return {k: v for k, v in self.state().items() if k in ("G", "Q", "counts")}
+
     def state(self) -> dict:
         out = {"G": self.G, "Q": self.Q, "counts": self.counts, "W": self.W,
                "lambda": torch.tensor(self.lam, dtype=torch.float64)}

@@ -1,6 +1,8 @@
 """Parameter-efficient tuning (PET) modules injected into timm backbones.
 
-Four kinds, chosen by :class:`edgecl.config.PETConfig` ``kinds``:
+Four kinds, chosen by :class:`edgecl.config.PETConfig` ``kinds``, each declared once as a
+:class:`PETKind` in :data:`PET_KINDS` (its wrapper, where it goes, how it wraps, whether it
+folds):
 
 * ``ssf``: scale and shift of features (Lian et al., "Scaling & Shifting Your Features",
   NeurIPS 2022); folds exactly into the wrapped Linear / Conv / norm layer.
@@ -26,6 +28,8 @@ from __future__ import annotations
 import copy
 import math
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,6 @@ from torch.nn.modules.conv import _ConvNd
 from edgecl.config import PETConfig
 from edgecl.core.errors import EdgeclError
 
-KINDS = ("ssf", "adapter", "lora", "vpt")
 _NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
@@ -130,7 +133,7 @@ class SSF(_Wrapper):
     @torch.no_grad()
     def fold(self) -> nn.Module:
         """Return the wrapped module with gamma/beta absorbed into its weights."""
-        m = self.base.fold() if isinstance(self.base, (SSF, LoRA)) else self.base
+        m = self.base.fold() if isinstance(self.base, _foldable_types()) else self.base
         g, b = self.gamma.detach(), self.beta.detach()
         if isinstance(m, (_ConvNd, nn.Linear)):
             m.weight.mul_(g.view((-1,) + (1,) * (m.weight.dim() - 1)))
@@ -177,7 +180,7 @@ class LoRA(_Wrapper):
     @torch.no_grad()
     def fold(self) -> nn.Module:
         """Return the wrapped module with W + scale * B @ A."""
-        m = self.base.fold() if isinstance(self.base, (SSF, LoRA)) else self.base
+        m = self.base.fold() if isinstance(self.base, _foldable_types()) else self.base
         delta = self.B.weight.flatten(1).double() @ self.A.weight.flatten(1).double()
         m.weight.add_((self.scale * delta).to(m.weight.dtype).view_as(m.weight))
         return m
@@ -236,7 +239,46 @@ class DeepVPT(_Wrapper):
         return torch.cat([y[:, :p], y[:, p + n:]], dim=1)
 
 
-_PET_TYPES = (SSF, LoRA, Adapter, DeepVPT)
+# ----------------------------------------------------------------------------- the kinds
+
+@dataclass(frozen=True)
+class PETKind:
+    """One PET kind, declared once. ``wrapper``: its module class; ``order``: injection order
+    (lower wraps first, so it ends up innermost: LoRA inside SSF); ``foldable``: ``wrapper.fold()``
+    returns the plain module with the PET absorbed (export folds it away; otherwise it stays in
+    the graph); ``targets(model, cfg, arch)``: qualified names of the modules it wraps in the bare
+    model; ``wrap(module, model, cfg, arch)``: the wrapper around one of them; ``check(cfg)``:
+    validates the kind's options."""
+
+    name: str
+    wrapper: type
+    order: int
+    foldable: bool
+    targets: Callable
+    wrap: Callable
+    check: Callable = lambda cfg: None
+
+
+PET_KINDS: dict = {}
+KINDS = PET_KINDS  # the kind names (iterate / ``in``)
+
+
+def register_pet(kind: PETKind) -> PETKind:
+    PET_KINDS[kind.name] = kind
+    return kind
+
+
+def _pet_types() -> tuple:
+    return tuple(k.wrapper for k in PET_KINDS.values())
+
+
+def _foldable_types() -> tuple:
+    return tuple(k.wrapper for k in PET_KINDS.values() if k.foldable)
+
+
+def _positive(option: str, value: int) -> None:
+    if value < 1:
+        raise EdgeclError(f"pet.{option} must be >= 1, got {value}")
 
 
 # ----------------------------------------------------------------------------- injection
@@ -263,50 +305,83 @@ def _cnn_blocks(model: nn.Module) -> list:
     return [f"blocks.{i}.{j}" for i, stage in enumerate(model.blocks) for j in range(len(stage))]
 
 
-def _targets(model: nn.Module, kind: str, cfg: PETConfig, arch: str) -> list:
-    """Qualified names (in the bare model) that ``kind`` wraps."""
+def _modules(model: nn.Module) -> list:
     head = _classifier_ids(model)
-    mods = [(n, m) for n, m in model.named_modules() if n and id(m) not in head]
-    if kind in ("ssf", "lora"):
-        ok = (lambda m: _ssf_channels(m) is not None) if kind == "ssf" else _lora_ok
-        regexes = cfg.ssf_targets if kind == "ssf" else cfg.lora_targets
-        if regexes:
-            try:
-                pats = [re.compile(r) for r in regexes]
-            except re.error as e:
-                raise EdgeclError(f"pet.{kind}_targets: bad regex ({e})") from None
-            names = [n for n, m in mods if ok(m) and any(p.search(n) for p in pats)]
-            if not names:
-                raise EdgeclError(f"pet.{kind}_targets {regexes} matched no module {kind} can wrap "
-                                  f"({'Linear/Conv/norm' if kind == 'ssf' else 'Linear / 1x1 Conv2d'})")
-            return names
-        if arch == "vit":
-            leaf = re.compile(r"(^|\.)attn\.qkv$") if kind == "lora" else re.compile(".")
-        elif arch == "effnet":
-            leaf = re.compile(r"(^|\.)conv_(pw|pwl|head)$" if kind == "lora"
-                              else r"(^|\.)conv_(stem|dw|pw|pwl|head)$")
-        else:
-            leaf = re.compile(".")
-            ok = _lora_ok if kind == "lora" else (
-                lambda m: isinstance(m, nn.Linear) or (isinstance(m, _ConvNd) and not m.transposed))
-        names = [n for n, m in mods if ok(m) and leaf.search(n)]
-    elif kind == "adapter":
-        if arch == "vit":
-            names = [f"blocks.{i}.mlp" for i in range(len(model.blocks))]
-        elif arch == "effnet":
-            names = _cnn_blocks(model)
-        else:
-            raise EdgeclError(f"pet.kinds: 'adapter' supports timm VisionTransformer and EfficientNet/"
-                              f"MobileNetV3 backbones, not {type(model).__name__}")
-    else:  # vpt
-        if arch != "vit":
-            raise EdgeclError(f"pet.kinds: 'vpt' needs a timm VisionTransformer backbone, "
-                              f"not {type(model).__name__}; use ssf, lora or adapter")
-        names = [f"blocks.{i}" for i in range(len(model.blocks))]
-    if not names:
-        hint = f"; set pet.{kind}_targets" if kind in ("ssf", "lora") else ""
-        raise EdgeclError(f"pet.kinds: '{kind}' found no module to wrap in {type(model).__name__}{hint}")
-    return names
+    return [(n, m) for n, m in model.named_modules() if n and id(m) not in head]
+
+
+def _layer_targets(model: nn.Module, kind: str, regexes: list, ok: Callable, auto_leaf: dict,
+                   generic_ok: Callable, arch: str) -> list:
+    """Modules ``ok`` accepts whose names match one of ``regexes`` (``pet.<kind>_targets``), or
+    by default those whose names match the architecture's leaf pattern in ``auto_leaf``."""
+    mods = _modules(model)
+    if regexes:
+        try:
+            pats = [re.compile(r) for r in regexes]
+        except re.error as e:
+            raise EdgeclError(f"pet.{kind}_targets: bad regex ({e})") from None
+        names = [n for n, m in mods if ok(m) and any(p.search(n) for p in pats)]
+        if not names:
+            raise EdgeclError(f"pet.{kind}_targets {regexes} matched no module {kind} can wrap")
+        return names
+    if arch not in auto_leaf:
+        ok, leaf = generic_ok, re.compile(".")
+    else:
+        leaf = re.compile(auto_leaf[arch])
+    return [n for n, m in mods if ok(m) and leaf.search(n)]
+
+
+def _any_layer(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (isinstance(m, _ConvNd) and not m.transposed)
+
+
+def _ssf_targets(model, cfg, arch) -> list:
+    return _layer_targets(model, "ssf", cfg.ssf_targets, lambda m: _ssf_channels(m) is not None,
+                          {"vit": ".", "effnet": r"(^|\.)conv_(stem|dw|pw|pwl|head)$"}, _any_layer, arch)
+
+
+def _lora_targets(model, cfg, arch) -> list:
+    return _layer_targets(model, "lora", cfg.lora_targets, _lora_ok,
+                          {"vit": r"(^|\.)attn\.qkv$", "effnet": r"(^|\.)conv_(pw|pwl|head)$"}, _lora_ok, arch)
+
+
+def _adapter_targets(model, cfg, arch) -> list:
+    if arch == "vit":
+        return [f"blocks.{i}.mlp" for i in range(len(model.blocks))]
+    if arch == "effnet":
+        return _cnn_blocks(model)
+    raise EdgeclError(f"pet.kinds: 'adapter' supports timm VisionTransformer and EfficientNet/"
+                      f"MobileNetV3 backbones, not {type(model).__name__}")
+
+
+def _vpt_targets(model, cfg, arch) -> list:
+    if arch != "vit":
+        raise EdgeclError(f"pet.kinds: 'vpt' needs a timm VisionTransformer backbone, "
+                          f"not {type(model).__name__}; use ssf, lora or adapter")
+    return [f"blocks.{i}" for i in range(len(model.blocks))]
+
+
+def _adapter_wrap(m, model, cfg, arch) -> nn.Module:
+    if arch == "vit":
+        return Adapter(m, _plain(m.fc1).in_features, cfg.adapter_bottleneck, cfg.adapter_scale)
+    return Adapter(m, _last_conv_channels(m), cfg.adapter_bottleneck, cfg.adapter_scale, mode="sequential")
+
+
+def _vpt_wrap(m, model, cfg, arch) -> nn.Module:
+    patch = getattr(model.patch_embed, "patch_size", (16, 16))
+    val = math.sqrt(6.0 / float(3 * math.prod(patch) + model.embed_dim))  # VPT's init
+    return DeepVPT(m, cfg.vpt_tokens, model.embed_dim, model.num_prefix_tokens, val)
+
+
+register_pet(PETKind("lora", LoRA, order=0, foldable=True, targets=_lora_targets,
+                     wrap=lambda m, model, cfg, arch: LoRA(m, cfg.lora_rank, cfg.lora_alpha),
+                     check=lambda cfg: _positive("lora_rank", cfg.lora_rank)))
+register_pet(PETKind("ssf", SSF, order=1, foldable=True, targets=_ssf_targets,
+                     wrap=lambda m, model, cfg, arch: SSF(m)))
+register_pet(PETKind("adapter", Adapter, order=2, foldable=False, targets=_adapter_targets, wrap=_adapter_wrap,
+                     check=lambda cfg: _positive("adapter_bottleneck", cfg.adapter_bottleneck)))
+register_pet(PETKind("vpt", DeepVPT, order=3, foldable=False, targets=_vpt_targets, wrap=_vpt_wrap,
+                     check=lambda cfg: _positive("vpt_tokens", cfg.vpt_tokens)))
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -326,44 +401,33 @@ def inject_pet(model: nn.Module, cfg: PETConfig) -> list:
 
     Returns the qualified (bare-model) names of the wrapped modules, unique, in injection
     order (lora, ssf, adapter, vpt: LoRA innermost, SSF around it). Stores a copy of
-    ``cfg`` as ``model._edgecl_pet_cfg``. Auto targets: ViT: SSF on every Linear / Conv /
+    ``cfg`` as ``model._edgecl_pet_cfg``. The order and the targets come from each kind's
+    :class:`PETKind`. Auto targets: ViT: SSF on every Linear / Conv /
     LayerNorm outside the head, LoRA on ``attn.qkv``, adapters on ``blocks.i.mlp``, VPT on
     ``blocks.i``; EfficientNet/MobileNetV3: SSF on conv_stem/dw/pw/pwl/head, LoRA on the
     1x1 conv_pw/pwl/head, adapters after every block; other models: SSF on Linear/Conv,
     LoRA on Linear/1x1 Conv (the classifier is never wrapped).
     """
-    unknown = [k for k in cfg.kinds if k not in KINDS]
+    unknown = [k for k in cfg.kinds if k not in PET_KINDS]
     if unknown:
-        raise EdgeclError(f"pet.kinds: unknown kind(s) {unknown}; valid kinds: {', '.join(KINDS)}")
-    if any(isinstance(m, _PET_TYPES) for m in model.modules()):
+        raise EdgeclError(f"pet.kinds: unknown kind(s) {unknown}; valid kinds: {', '.join(PET_KINDS)}")
+    if any(isinstance(m, _pet_types()) for m in model.modules()):
         raise EdgeclError("inject_pet: the model already has PET modules (inject once, on the bare backbone)")
-    if "lora" in cfg.kinds and cfg.lora_rank < 1:
-        raise EdgeclError(f"pet.lora_rank must be >= 1, got {cfg.lora_rank}")
-    if "vpt" in cfg.kinds and cfg.vpt_tokens < 1:
-        raise EdgeclError(f"pet.vpt_tokens must be >= 1, got {cfg.vpt_tokens}")
-    if "adapter" in cfg.kinds and cfg.adapter_bottleneck < 1:
-        raise EdgeclError(f"pet.adapter_bottleneck must be >= 1, got {cfg.adapter_bottleneck}")
+    kinds = sorted((PET_KINDS[k] for k in set(cfg.kinds)), key=lambda k: k.order)
+    for kind in kinds:
+        kind.check(cfg)
     arch = _arch(model)
-    order = [k for k in ("lora", "ssf", "adapter", "vpt") if k in cfg.kinds]
-    plan = [(k, _targets(model, k, cfg, arch)) for k in order]  # resolved on the bare model
+    plan = []
+    for kind in kinds:  # resolved on the bare model
+        names = kind.targets(model, cfg, arch)
+        if not names:
+            hint = f"; set pet.{kind.name}_targets" if hasattr(cfg, f"{kind.name}_targets") else ""
+            raise EdgeclError(f"pet.kinds: '{kind.name}' found no module to wrap in {type(model).__name__}{hint}")
+        plan.append((kind, names))
     wrapped = []
     for kind, names in plan:
         for name in names:
-            m = model.get_submodule(name)
-            if kind == "lora":
-                new = LoRA(m, cfg.lora_rank, cfg.lora_alpha)
-            elif kind == "ssf":
-                new = SSF(m)
-            elif kind == "adapter" and arch == "vit":
-                new = Adapter(m, _plain(m.fc1).in_features, cfg.adapter_bottleneck, cfg.adapter_scale)
-            elif kind == "adapter":
-                new = Adapter(m, _last_conv_channels(m), cfg.adapter_bottleneck, cfg.adapter_scale,
-                              mode="sequential")
-            else:
-                patch = getattr(model.patch_embed, "patch_size", (16, 16))
-                val = math.sqrt(6.0 / float(3 * math.prod(patch) + model.embed_dim))  # VPT's init
-                new = DeepVPT(m, cfg.vpt_tokens, model.embed_dim, model.num_prefix_tokens, val)
-            _replace(model, name, new)
+            _replace(model, name, kind.wrap(model.get_submodule(name), model, cfg, arch))
             if name not in wrapped:
                 wrapped.append(name)
     model._edgecl_pet_cfg = copy.deepcopy(cfg)
@@ -375,16 +439,17 @@ def inject_pet(model: nn.Module, cfg: PETConfig) -> list:
 def _trainable_named(model: nn.Module, cfg: PETConfig | None = None) -> list:
     cfg = cfg if cfg is not None else getattr(model, "_edgecl_pet_cfg", None) or PETConfig(kinds=[])
     head = _classifier_ids(model)
+    pet_types = _pet_types()
     ids = set()
     for _name, m in model.named_modules():
-        if isinstance(m, _PET_TYPES):
+        if isinstance(m, pet_types):
             ids.update(id(p) for _, p in m.pet_named_parameters())
         elif id(m) in head:
             continue
         elif cfg.tune_norms and isinstance(m, _NORMS):
             ids.update(id(p) for p in (getattr(m, "weight", None), getattr(m, "bias", None))
                        if isinstance(p, nn.Parameter))
-        if cfg.tune_biases and id(m) not in head and not isinstance(m, _PET_TYPES):
+        if cfg.tune_biases and id(m) not in head and not isinstance(m, pet_types):
             b = m._parameters.get("bias")
             if b is not None:
                 ids.add(id(b))
@@ -446,16 +511,23 @@ def load_pet_state_dict(model: nn.Module, sd: dict, cfg: PETConfig | None = None
 # ----------------------------------------------------------------------------- folding
 
 def fold_pet(model: nn.Module) -> nn.Module:
-    """Replace every SSF and LoRA wrapper (nested ones included) by its plain module with
-    folded weights, in place; adapters and VPT stay. Returns the model."""
+    """Replace every wrapper of a foldable kind (SSF, LoRA; nested ones included) by its plain
+    module with folded weights, in place; the others (adapters, VPT) stay. Returns the model."""
+    foldable = _foldable_types()
+
     def fold_children(module):
         for name, child in list(module.named_children()):
             fold_children(child)
-            if isinstance(child, (SSF, LoRA)):
+            if isinstance(child, foldable):
                 setattr(module, name, child.fold())
 
     fold_children(model)
-    return model.fold() if isinstance(model, (SSF, LoRA)) else model
+    return model.fold() if isinstance(model, foldable) else model
+
+
+def unfolded(model: nn.Module) -> list:
+    """Names of the foldable wrappers left in ``model`` (none after :func:`fold_pet`)."""
+    return [type(m).__name__ for m in model.modules() if isinstance(m, _foldable_types())]
 
 
 def count_parameters(model: nn.Module) -> dict:

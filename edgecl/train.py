@@ -17,6 +17,8 @@ from .backbones import create_backbone
 from .bundle import read_bundle, write_bundle
 from .config import Config, config_from_dict
 from .core.errors import EdgeclError
+from .core.formats import BackboneInfo, BundleManifest, ClassList, InputSpec, LearnerFacts
+from .core.records import from_dict, to_dict
 from .data import build_scenario, load_dataset, load_imagefolder
 from .learners import learner_class
 from .learners.base import run_sessions, with_labels
@@ -67,21 +69,21 @@ def train(cfg: Config, out: str, progress: bool = True, log: Callable = print) -
             metrics[name] = m.summary()
 
     names = train_set.class_names
-    manifest = {
-        "edgecl_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "method": cfg.method,
-        "backbone": {"name": cfg.backbone.name, "kwargs": cfg.backbone.kwargs, "weights": cfg.backbone.weights,
-                     "weights_sha256": backbone.weights_sha256(), "feature_dim": backbone.feature_dim},
-        "input": {"size": cfg.data.input_size, "layout": "NHWC", "dtype": "uint8", "channel_order": "RGB",
-                  "mean": list(backbone.mean), "std": list(backbone.std)},
-        "classes": {"names": [names[c] for c in scenario.class_order],
-                    "sessions": [[names[c] for c in s] for s in scenario.sessions]},
-        "pet": cfg.to_dict()["pet"] if getattr(learner, "uses_pet", False) else None,
-        "learner": learner.meta(),
-        "config": cfg.to_dict(),
-        "metrics": {k: metrics[k] for k in ("A_last", "A_avg", "forgetting")},
-    }
+    manifest = BundleManifest(
+        edgecl_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        method=cfg.method,
+        backbone=BackboneInfo(name=cfg.backbone.name, kwargs=cfg.backbone.kwargs, weights=cfg.backbone.weights,
+                              weights_sha256=backbone.weights_sha256(), feature_dim=backbone.feature_dim),
+        input=InputSpec(size=cfg.data.input_size, channel_order="RGB", mean=list(backbone.mean),
+                        std=list(backbone.std)),
+        classes=ClassList(names=[names[c] for c in scenario.class_order],
+                          sessions=[[names[c] for c in s] for s in scenario.sessions]),
+        pet=cfg.to_dict()["pet"] if getattr(learner, "uses_pet", False) else None,
+        learner=from_dict(LearnerFacts, learner.meta(), f"{cfg.method} learner facts"),
+        config=cfg.to_dict(),
+        metrics={k: metrics[k] for k in ("A_last", "A_avg", "forgetting")},
+    )
     tensors = {"backbone": backbone.state_dict(), **learner.state()}
     curves = {cfg.method: tracked["main"].accuracy}
     curves.update({k: m.accuracy for k, m in tracked.items() if k != "main" and m.accuracy != tracked["main"].accuracy})
@@ -100,15 +102,15 @@ def train(cfg: Config, out: str, progress: bool = True, log: Callable = print) -
 def load_learner(path: str):
     """Rebuild the trained learner from a bundle alone: (learner, manifest)."""
     manifest, tensors = read_bundle(Path(path))
-    cfg = config_from_dict(manifest["config"], f"{path}/manifest.json")
-    bb = manifest["backbone"]
-    backbone = create_backbone(bb["name"], "random", **bb.get("kwargs", {}))
+    cfg = config_from_dict(manifest.config, f"{path}/manifest.json")
+    bb = manifest.backbone
+    backbone = create_backbone(bb.name, "random", **bb.kwargs)
     backbone.load_state_dict(tensors["backbone"])
-    backbone.mean, backbone.std = tuple(manifest["input"]["mean"]), tuple(manifest["input"]["std"])
-    if backbone.weights_sha256() != bb["weights_sha256"]:
+    backbone.mean, backbone.std = tuple(manifest.input.mean), tuple(manifest.input.std)
+    if backbone.weights_sha256() != bb.weights_sha256:
         raise EdgeclError(f"bundle {path}: backbone weights do not match the manifest's hash; the bundle is damaged")
     learner = build_learner(cfg, backbone)
-    learner.load_state(tensors, manifest["learner"])
+    learner.load_state(tensors, to_dict(manifest.learner))
     return learner, manifest
 
 
@@ -119,10 +121,10 @@ def evaluate(path: str, data: str, split: str = "val", per_class: Optional[int] 
     root = Path(data)
     folder = root / split if (root / split).is_dir() else root
     if per_class is None:
-        per_class = manifest["config"]["data"].get("val_per_class")
-    images = load_imagefolder(folder, size=manifest["input"]["size"], per_class=per_class,
-                              cache_dir=manifest["config"]["data"].get("cache_dir"), progress=progress)
-    known = manifest["classes"]["names"]
+        per_class = manifest.data_config.get("val_per_class")
+    images = load_imagefolder(folder, size=manifest.input.size, per_class=per_class,
+                              cache_dir=manifest.data_config.get("cache_dir"), progress=progress)
+    known = manifest.classes.names
     rows, labels = images.relabel(known)
     if len(rows) == 0:
         raise EdgeclError(f"none of the class folders in {folder} is a class of bundle {path} "

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,9 +23,23 @@ from typing import Callable, Optional
 import numpy as np
 
 from edgecl import __version__
-from edgecl.core.durable import publish_dir, sha256_file, write_json_durable
+from edgecl.core.durable import publish_dir, sha256_file, staging_dir, write_json_durable
 from edgecl.core.errors import EdgeclError
-from edgecl.device.engine_dir import FORMAT, FORMAT_VERSION, is_engine_dir
+from edgecl.core.formats import (
+    Aggregation,
+    BundleManifest,
+    ClassesRef,
+    EngineManifest,
+    EnginePlan,
+    InputSpec,
+    LearnerOutput,
+    ModelEntry,
+    SourceBundle,
+    split_learner,
+    unpack,
+)
+from edgecl.core.records import from_dict, to_dict
+from edgecl.device.engine_dir import is_engine_dir
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CHANNEL_ORDER = "BGR"
@@ -59,18 +72,9 @@ def check_options(precision: str, trt: bool) -> None:
         import_tensorrt()
 
 
-def _head_kinds(manifest: dict, learners: list) -> dict:
-    meta = manifest.get("learner", {}) or {}
-    if isinstance(meta.get("heads"), dict):
-        return {ln: meta["heads"][ln] for ln in learners}
-    kind = meta.get("head")
-    if kind not in ("ranpac", "prototypes", "linear"):
-        raise EdgeclError(f"bundle method {manifest.get('method')!r}: head kind {kind!r} cannot be exported yet")
-    return {ln: kind for ln in learners}
-
-
 def _learner_tensors(group: dict, learners: list) -> dict:
-    """Bundle tensors -> engine-dir names ``<learner>.<name>`` (single learner: all of them)."""
+    """Bundle tensors -> engine-dir names ``<learner>.<kind>.<name>`` (a single learner's bundle
+    tensors have no learner prefix; :mod:`edgecl.core.formats`)."""
     out = {}
     for key, value in group.items():
         if len(learners) == 1 and not key.startswith(f"{learners[0]}."):
@@ -80,11 +84,11 @@ def _learner_tensors(group: dict, learners: list) -> dict:
     return {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in out.items()}
 
 
-def parity_images(manifest: dict, size: int, count: int, log: Callable) -> tuple:
+def parity_images(manifest: BundleManifest, size: int, count: int, log: Callable) -> tuple:
     """(uint8 RGB images, source description): the bundle's val data if present, else generated."""
     from edgecl.calibration.readers import load_calibration_images
 
-    data = manifest.get("config", {}).get("data", {}) or {}
+    data = manifest.data_config
     root = data.get("val_root") or data.get("root")
     if root:
         val = Path(root) / "val" if (Path(root) / "val").is_dir() else Path(root)
@@ -108,7 +112,7 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
     """Export ``bundle`` to the engine directory ``out``; returns its manifest."""
     from safetensors.numpy import save_file
 
-    from edgecl.device.heads import Head
+    from edgecl.device.heads import head_class, load_head
     from edgecl.train import load_learner
 
     from .graph import (
@@ -136,18 +140,15 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
     start = time.perf_counter()
     learner, bm = load_learner(str(bundle))
     learners = list(learner.feature_models())
-    kinds = _head_kinds(bm, learners)
-    size = int(bm["input"]["size"])
-    mean, std = bm["input"]["mean"], bm["input"]["std"]
+    kinds = {ln: bm.learner.head for ln in learners}
+    for ln, kind in kinds.items():
+        head_class(kind, f"bundle {bundle} (method {bm.method}, learner {ln})")  # a kind the device runs
+    size = int(bm.input.size)
+    mean, std = bm.input.mean, bm.input.std
     # calibration images first: a missing --calib-data fails before any export work
     frames = _calibration_frames(bm, calib_data, calib_count, size) if precision == "int8" else None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with staging_dir(out) as tmp:
         # calibration caches travel from a previous export of the same directory (their keys decide)
         if (out / "calibration").is_dir():
             shutil.copytree(out / "calibration", tmp / "calibration")
@@ -162,19 +163,20 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
         save_file(heads_np, str(tmp / "heads.safetensors"))
         if stats_np:
             save_file(stats_np, str(tmp / "stats.safetensors"))
-        classes = list(bm["classes"]["names"])
+        classes = list(bm.classes.names)
         (tmp / "classes.json").write_text(json.dumps(classes, indent=1))
-        heads = {ln: Head(kinds[ln], {k.split(".", 1)[1]: v for k, v in heads_np.items() if k.startswith(f"{ln}.")})
+        per_learner = split_learner(heads_np, learners)
+        heads = {ln: load_head(kinds[ln], unpack(per_learner[ln], kinds[ln]), f"bundle {bundle}, learner {ln!r}")
                  for ln in learners}
 
         imgs, source = parity_images(bm, size, parity_count, log)
         parity = {"fp32": parity_report(learner, tmp / "model.fp32.onnx", imgs, heads, CHANNEL_ORDER, source)}
-        models = {"fp32": {"file": "model.fp32.onnx", "runtime": "onnxruntime"}}
+        models = {"fp32": ModelEntry("model.fp32.onnx", "onnxruntime")}
         if precision == "int8":
             from .quantize import quantize_qdq
             facts = quantize_qdq(tmp / "model.fp32.onnx", tmp / "model.int8.qdq.onnx", frames, tmp / "calibration",
                                  method=calib_method, cpu_weights=int8_weights, input_name=INPUT_NAME, log=log)
-            models["int8"] = {"file": "model.int8.qdq.onnx", "runtime": "onnxruntime", **facts}
+            models["int8"] = ModelEntry("model.int8.qdq.onnx", "onnxruntime", extra=facts)
             parity["int8"] = parity_report(learner, tmp / "model.int8.qdq.onnx", imgs, heads, CHANNEL_ORDER, source,
                                            precision="int8")
         (tmp / "parity.json").write_text(json.dumps(parity, indent=2))
@@ -193,36 +195,31 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
             rel = f.relative_to(tmp).as_posix()
             if f.is_file() and rel != "timing.cache" and not rel.startswith("calibration/"):
                 files[rel] = sha256_file(f)
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "edgecl_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source_bundle": {"path": str(Path(bundle).resolve()),
-                              "manifest_sha256": sha256_file(Path(bundle) / "manifest.json"),
-                              "A_last": (bm.get("metrics") or {}).get("A_last"),
-                              "val_per_class": (bm.get("config", {}).get("data", {}) or {}).get("val_per_class")},
-            "method": bm.get("method"), "backbone": bm.get("backbone"),
-            "input": {"name": INPUT_NAME, "size": size, "layout": "NHWC", "dtype": "uint8",
-                      "channel_order": CHANNEL_ORDER, "mean": list(mean), "std": list(std),
-                      "preprocessing": "in graph: (x/255 - mean)/std, channel flip; the device only resizes"},
-            "learners": {ln: {"output": output_name(ln), "feature_dim": int(learner.feature_models()[ln].feature_dim)
-                              if hasattr(learner.feature_models()[ln], "feature_dim") else None,
-                              "head": kinds[ln]} for ln in learners},
+        feature_models = learner.feature_models()
+        manifest = EngineManifest(
+            edgecl_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            source_bundle=SourceBundle(path=str(Path(bundle).resolve()),
+                                       manifest_sha256=sha256_file(Path(bundle) / "manifest.json"),
+                                       A_last=bm.metrics.get("A_last"),
+                                       val_per_class=bm.data_config.get("val_per_class")),
+            method=bm.method, backbone=to_dict(bm.backbone),
+            input=InputSpec(name=INPUT_NAME, size=size, channel_order=CHANNEL_ORDER, mean=list(mean), std=list(std),
+                            preprocessing="in graph: (x/255 - mean)/std, channel flip; the device only resizes"),
+            learners={ln: LearnerOutput(output=output_name(ln), head=kinds[ln],
+                                        feature_dim=getattr(feature_models[ln], "feature_dim", None))
+                      for ln in learners},
             # SAFE: what the bundle predicts ("aggregate" of the learners, or one learner alone)
-            "aggregation": {"kind": "entropy", "gamma": (bm.get("learner") or {}).get("gamma", 1.0),
-                            "predict": (bm.get("learner") or {}).get("inference", "aggregate")}
-            if len(learners) > 1 else None,
-            "classes": {"file": "classes.json", "count": len(classes)},
-            "precision": precision, "opset": OPSET, "batch_range": list(batch_range),
-            "models": models, "engines": engines,
-            "parity": {p: {k: r[k] for k in ("max_abs", "max_rel", "top1_agreement", "images")}
-                       for p, r in parity.items()},
-            "files": files,
-        }
-        write_json_durable(tmp / "manifest.json", manifest)
+            aggregation=Aggregation(gamma=bm.learner.gamma, predict=bm.learner.inference) if len(learners) > 1
+            else None,
+            classes=ClassesRef("classes.json", len(classes)),
+            precision=precision, opset=OPSET, batch_range=list(batch_range), models=models,
+            engines=[from_dict(EnginePlan, e, "the TensorRT build") for e in engines],
+            parity={p: {k: r[k] for k in ("max_abs", "max_rel", "top1_agreement", "images")}
+                    for p, r in parity.items()},
+            files=files,
+        )
+        write_json_durable(tmp / "manifest.json", manifest.to_json())
         publish_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log(f"engine directory: {out} ({time.perf_counter() - start:.0f} s)")
     return manifest
 
@@ -238,7 +235,7 @@ def _bundle_tensors(bundle) -> dict:
     return out
 
 
-def _calibration_frames(bm: dict, calib_data, calib_count: int, size: int) -> np.ndarray:
+def _calibration_frames(bm: BundleManifest, calib_data, calib_count: int, size: int) -> np.ndarray:
     """Calibration frames (uint8 NHWC in the graph's channel order)."""
     from edgecl.calibration.readers import bundle_train_dir, load_calibration_images
 
@@ -246,8 +243,8 @@ def _calibration_frames(bm: dict, calib_data, calib_count: int, size: int) -> np
         calib_data = bundle_train_dir(bm)
         if calib_data is None:
             raise EdgeclError("--precision int8 needs calibration images: the bundle's training data "
-                              f"({(bm.get('config', {}).get('data', {}) or {}).get('root')}) is not here; "
+                              f"({bm.data_config.get('root')}) is not here; "
                               "pass --calib-data DIR (an ImageFolder)")
     imgs = load_calibration_images(calib_data, size, calib_count,
-                                   cache_dir=(bm.get("config", {}).get("data", {}) or {}).get("cache_dir"))
+                                   cache_dir=bm.data_config.get("cache_dir"))
     return np.ascontiguousarray(imgs[..., ::-1]) if CHANNEL_ORDER == "BGR" else imgs

@@ -27,12 +27,13 @@ def output_name(learner: str) -> str:
 
 
 def fold(model: nn.Module) -> nn.Module:
-    """A folded copy of ``model`` (eval mode, no grad): SSF/LoRA gone, adapters/VPT kept."""
+    """A folded copy of ``model`` (eval mode, no grad): the foldable PET kinds (SSF, LoRA) gone,
+    the others (adapters, VPT) kept."""
     model = copy.deepcopy(model).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     petlib.fold_pet(model)
-    left = [type(m).__name__ for m in model.modules() if isinstance(m, (petlib.SSF, petlib.LoRA))]
+    left = petlib.unfolded(model)
     if left:  # pragma: no cover - fold_pet removes them all
         raise RuntimeError(f"folding left {len(left)} PET wrappers: {sorted(set(left))}")
     return model

@@ -9,3 +9,10 @@ traceback.
 
 class EdgeclError(Exception):
     """An error caused by user input; the message is shown to the user as one line."""
+
+
+def one_line(exc: BaseException) -> str:
+    """A library's exception as one short line, for the :class:`EdgeclError` messages that name
+    the file and the fix."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

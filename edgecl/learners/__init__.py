@@ -17,6 +17,11 @@ REGISTRY = {
 }
 
 
+def register_learner(method: str, module: str, cls: str) -> None:
+    """Add a method: ``edgecl train --method METHOD`` builds ``module.cls`` (a :class:`~.base.Learner`)."""
+    REGISTRY[method] = (module, cls)
+
+
 def learner_class(method: str):
     if method not in REGISTRY:
         raise EdgeclError(f"unknown method {method!r} (--method); available: {', '.join(REGISTRY)}")

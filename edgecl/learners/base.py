@@ -42,7 +42,7 @@ class Learner:
     def __init__(self, cfg: Config, backbone: Backbone, device: Optional[torch.device] = None):
         self.cfg = cfg
         self.device = device or resolve_device(cfg.train.device)
-        # channels-last memory for speed (benchmarks/channels_last.py; a SAFE quick run went from
+        # channels-last memory for speed (python -m benchmarks channels_last; a SAFE quick run went from
         # 987 to 891 s); the weights' values, and so bundles and exports, are unchanged
         self.ptm = backbone.to(self.device, memory_format=torch.channels_last).eval()
         for p in self.ptm.parameters():

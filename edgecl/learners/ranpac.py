@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .. import pet as petlib
+from ..core.formats import pack, unpack
 from ..heads import CosineHead, RanPACHead
 from .base import Learner, cross_entropy_step, torch_labels
 
@@ -78,8 +79,7 @@ class RanPAC(Learner):
         return {"main": self.model}
 
     def state(self):
-        out = {"heads": {f"ranpac.{k}": v for k, v in self.head.state().items() if k in ("W", "W_rand", "lambda")},
-               "stats": {f"ranpac.{k}": v for k, v in self.head.state().items() if k in ("G", "Q", "counts")}}
+        out = {"heads": pack(self.head.head_tensors(), "ranpac"), "stats": pack(self.head.stats_tensors(), "ranpac")}
         if self.uses_pet:
             out["pet"] = petlib.pet_state_dict(self.model.model)
         return out
@@ -94,6 +94,5 @@ class RanPAC(Learner):
             petlib.load_pet_state_dict(self.model.model, tensors["pet"])
             self.model.eval()
             self.bump("adapted")
-        state = {k.split(".", 1)[1]: v for part in ("heads", "stats") for k, v in tensors[part].items()}
-        self.head.load_state(state)
+        self.head.load_state({**unpack(tensors["heads"], "ranpac"), **unpack(tensors["stats"], "ranpac")})
         self.num_seen = self.head.num_classes

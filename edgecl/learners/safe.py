@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import pet as petlib
+from ..core.formats import pack, unpack
 from ..heads import CosineHead, RanPACHead
 from ..losses import cross_classification_loss, entropy_aggregate, feature_alignment_loss, transfer_loss
 from .base import Learner, torch_labels
@@ -155,10 +156,9 @@ class SAFE(Learner):
         for name, model, head, cls in (("slow", self.slow, self.slow_head, self.slow_cls),
                                        ("fast", self.fast, self.fast_head, self.fast_cls)):
             out["pet"].update({f"{name}.{k}": v for k, v in petlib.pet_state_dict(model.model).items()})
-            hs = head.state()
-            out["heads"].update({f"{name}.ranpac.{k}": hs[k] for k in ("W", "W_rand", "lambda") if k in hs})
-            out["heads"].update({f"{name}_cls.{k}": v for k, v in cls.state_dict().items()})
-            out["stats"].update({f"{name}.ranpac.{k}": hs[k] for k in ("G", "Q", "counts")})
+            out["heads"].update(pack(head.head_tensors(), "ranpac", name))
+            out["heads"].update(pack(cls.state_dict(), f"{name}_cls"))  # the training-time cosine head (not exported)
+            out["stats"].update(pack(head.stats_tensors(), "ranpac", name))
         return out
 
     def meta(self):
@@ -174,13 +174,10 @@ class SAFE(Learner):
             petlib.load_pet_state_dict(model.model, {k[len(prefix):]: v for k, v in tensors["pet"].items()
                                                      if k.startswith(prefix)})
             model.eval()
-            prefix = f"{name}.ranpac."
-            state = {k[len(prefix):]: v for part in ("heads", "stats") for k, v in tensors[part].items()
-                     if k.startswith(prefix)}
-            head.load_state(state)
-            cls = CosineHead(self.ptm.feature_dim, tensors["heads"][f"{name}_cls.weight"].shape[0])
-            cls.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors["heads"].items()
-                                 if k.startswith(f"{name}_cls.")})
+            head.load_state({**unpack(tensors["heads"], "ranpac", name), **unpack(tensors["stats"], "ranpac", name)})
+            cosine = unpack(tensors["heads"], f"{name}_cls")
+            cls = CosineHead(self.ptm.feature_dim, cosine["weight"].shape[0])
+            cls.load_state_dict(cosine)
             setattr(self, cls_attr, cls.to(self.device))
             self.bump(name)
         self.num_seen = self.slow_head.num_classes

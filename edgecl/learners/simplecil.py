@@ -4,6 +4,7 @@ cosine classifier whose weights are the class means (prototypes) of its features
 
 from __future__ import annotations
 
+from ..core.formats import pack, unpack
 from ..heads import Prototypes
 from .base import Learner, torch_labels
 
@@ -23,13 +24,12 @@ class SimpleCIL(Learner):
         return {"main": self.prototypes.logits(self.features(self.ptm, "ptm", images, rows)).numpy()}
 
     def state(self):
-        return {"heads": {f"prototypes.{k}": v for k, v in self.prototypes.state().items()}}
+        return {"heads": pack(self.prototypes.state(), "prototypes")}
 
     def meta(self):
         return {**super().meta(), "feature_dim": self.ptm.feature_dim, "head": "prototypes"}
 
     def load_state(self, tensors, meta):
-        heads = tensors["heads"]
-        self.prototypes.load_state({k: heads[f"prototypes.{k}"] for k in ("sums", "counts")})
+        self.prototypes.load_state(unpack(tensors["heads"], "prototypes"))
         self.num_seen = self.prototypes.num_classes
 

@@ -34,6 +34,7 @@ from torch import nn
 from .. import pet as petlib
 from ..core.classstats import ClassStats, ClassStatsError
 from ..core.errors import EdgeclError
+from ..core.formats import pack, unpack
 from ..losses import logit_normalize, symmetric_cross_entropy
 from .base import Learner
 
@@ -239,10 +240,10 @@ class SLCA(Learner):
         return self._export
 
     def state(self):
-        out = {"heads": {f"linear.{k}": v for k, v in self.classifier.export().items()},
-               "stats": {f"classstats.{k}": torch.from_numpy(np.ascontiguousarray(v))
-                         for k, v in self.export_stats().state().items()}}
-        out["heads"].update({f"stage1.{k}": v for k, v in self.head.export().items()})
+        stats = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.export_stats().state().items()}
+        out = {"heads": {**pack(self.classifier.export(), "linear"),
+                         **pack(self.head.export(), "stage1")},  # the heads before alignment (training only)
+               "stats": pack(stats, "classstats")}
         if self.uses_pet:
             out["pet"] = petlib.pet_state_dict(self.model.model)
         else:
@@ -268,14 +269,10 @@ class SLCA(Learner):
             self.model.model.load_state_dict(tensors["finetuned"])
         self.model.eval()
         self.bump("model")
-
-        def pick(prefix):
-            return {k[len(prefix):]: v for k, v in tensors["heads"].items() if k.startswith(prefix)}
-        self.head = SessionLinear.from_export(pick("stage1.")).to(self.device)
-        self.aligned = (SessionLinear.from_export(pick("linear.")).to(self.device)
+        self.head = SessionLinear.from_export(unpack(tensors["heads"], "stage1")).to(self.device)
+        self.aligned = (SessionLinear.from_export(unpack(tensors["heads"], "linear")).to(self.device)
                         if meta.get("linear", {}).get("aligned") else None)
-        stats = {k[len("classstats."):]: v.numpy() for k, v in tensors.get("stats", {}).items()
-                 if k.startswith("classstats.")}
+        stats = {k: v.numpy() for k, v in unpack(tensors.get("stats", {}), "classstats").items()}
         if stats:
             self.stats = ClassStats.from_state(stats)
         self.num_seen = self.head.num_classes

@@ -1,0 +1,400 @@
+"""The artifacts handed between stages, as typed records (docs/DESIGN.md, "Artifact formats").
+
+- :class:`BundleManifest`: ``BUNDLE/manifest.json``, written by ``edgecl train``
+  (:mod:`edgecl.bundle`), read by ``edgecl eval`` and ``edgecl export``;
+- :class:`EngineManifest`: ``ENGINE_DIR/manifest.json``, written by ``edgecl export``, read by
+  the device (:mod:`edgecl.device.engine_dir`);
+- :class:`StoreRecord` and :class:`StoreMeta`: a store generation's commit record and the state
+  metadata inside its safetensors file (:mod:`edgecl.device.store`).
+
+Each record carries its format name and version; reading one checks both, and every key's
+type, with a one-line error naming the file, the key and what re-creates the artifact
+(:mod:`edgecl.core.records`). Tensor names follow one scheme, ``[<learner>.]<kind>.<name>``
+(:func:`pack`, :func:`unpack`): the learner prefix in multi-learner bundles (SAFE: ``slow``,
+``fast``) and always in engine directories, then the head kind (``ranpac``, ``prototypes``,
+``linear``...), then the tensor's own name (``W``, ``G``...). Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .errors import EdgeclError, one_line
+from .records import from_dict, to_dict
+
+BUNDLE_FIX = "re-run edgecl train"
+SINGLE = "main"  # the learner name of single-learner methods
+
+
+def engine_fix(path) -> str:
+    return f"re-create it with edgecl export BUNDLE --out {path}"
+
+
+# ----------------------------------------------------------------------------- tensor names
+
+def tensor_key(kind: str, name: str, learner: Optional[str] = None) -> str:
+    """``[<learner>.]<kind>.<name>``."""
+    return f"{learner}.{kind}.{name}" if learner else f"{kind}.{name}"
+
+
+def pack(tensors: dict, kind: str, learner: Optional[str] = None) -> dict:
+    """``{name: t}`` -> ``{[<learner>.]<kind>.<name>: t}``."""
+    return {tensor_key(kind, k, learner): v for k, v in tensors.items()}
+
+
+def unpack(group: dict, kind: str, learner: Optional[str] = None) -> dict:
+    """The inverse of :func:`pack`: the tensors of ``group`` under that prefix, prefix removed."""
+    prefix = tensor_key(kind, "", learner)
+    return {k[len(prefix):]: v for k, v in group.items() if k.startswith(prefix)}
+
+
+def split_learner(group: dict, learners: list) -> dict:
+    """``{learner: {rest: t}}`` from keys ``<learner>.<rest>`` (keys of other learners ignored)."""
+    out: dict = {ln: {} for ln in learners}
+    for key, value in group.items():
+        learner, _, rest = key.partition(".")
+        if learner in out:
+            out[learner][rest] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- shared parts
+
+@dataclass
+class InputSpec:
+    """The model input: uint8 NHWC frames of ``size`` x ``size`` in ``channel_order``,
+    normalised by ``mean`` / ``std`` (in the graph for engine directories)."""
+
+    size: int
+    mean: List[float]
+    std: List[float]
+    channel_order: str = "RGB"
+    layout: str = "NHWC"
+    dtype: str = "uint8"
+    name: Optional[str] = None  # the engine graph's input tensor
+    preprocessing: Optional[str] = None
+
+
+@dataclass
+class BackboneInfo:
+    name: str
+    weights_sha256: str
+    feature_dim: int
+    weights: str = "default"
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClassList:
+    names: List[str]  # incremental order (= logit order)
+    sessions: List[List[str]] = field(default_factory=list)
+
+
+@dataclass
+class LearnerFacts:
+    """What a learner tells the exporter and the device (``Learner.meta()``): its head kind,
+    the names of its learners (SAFE: slow and fast), and method facts kept in ``extra``
+    (RanPAC M / seed / lambda, SLCA's class-statistics form, training history...)."""
+
+    head: str
+    learners: List[str] = field(default_factory=lambda: [SINGLE])
+    num_seen: int = 0
+    feature_dim: Optional[int] = None
+    gamma: float = 1.0  # SAFE's aggregation temperature
+    inference: str = "aggregate"  # SAFE: what the method predicts (aggregate, slow or fast)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def _check_header(data: Any, fmt: str, version: int, path: Path, what: str, fix: str) -> None:
+    mf = path / "manifest.json"
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise EdgeclError(f"{mf} is not an edgecl {what} manifest (format {got!r}); {fix}")
+    if data.get("format_version") != version:
+        raise EdgeclError(f"{what} {path} has format version {data.get('format_version')!r}; this edgecl reads "
+                          f"version {version}: {fix} with this edgecl")
+
+
+def read_json_manifest(path, what: str, fix: str) -> Any:
+    """The parsed ``path/manifest.json`` of a ``what`` directory, refused with one line when the
+    directory, the file or its JSON is missing or broken."""
+    path = Path(path)
+    if not path.exists():
+        raise EdgeclError(f"{what} {path} does not exist; {fix}")
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise EdgeclError(f"{path} is not an edgecl {what}: manifest.json is missing; {fix}")
+    try:
+        return json.loads(mf.read_text())
+    except (OSError, ValueError) as exc:
+        raise EdgeclError(f"{mf} cannot be read as JSON ({one_line(exc)}); the {what}'s manifest "
+                          f"is damaged: {fix}") from None
+
+
+def manifest_format(path) -> Optional[str]:
+    """The ``format`` a directory's manifest declares (None when there is none to read)."""
+    try:
+        data = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+class _Manifest:
+    FORMAT = ""
+    VERSION = 1
+    WHAT = ""
+
+    @classmethod
+    def fix(cls, path) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, data: Any, path) -> Any:
+        path = Path(path)
+        _check_header(data, cls.FORMAT, cls.VERSION, path, cls.WHAT, cls.fix(path))
+        body = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+        return from_dict(cls, body, str(path / "manifest.json"), f"the {cls.WHAT} is damaged: {cls.fix(path)}")
+
+    @classmethod
+    def read(cls, path) -> Any:
+        """Read and check ``path/manifest.json``."""
+        return cls.from_json(read_json_manifest(path, cls.WHAT, cls.fix(path)), path)
+
+    def to_json(self) -> dict:
+        return {"format": self.FORMAT, "format_version": self.VERSION, **to_dict(self)}
+
+
+# ----------------------------------------------------------------------------- the run bundle
+
+@dataclass
+class BundleManifest(_Manifest):
+    """``BUNDLE/manifest.json`` (format ``edgecl-bundle``, version 1); ``files`` binds every file
+    of the bundle by sha256."""
+
+    FORMAT = "edgecl-bundle"
+    VERSION = 1
+    WHAT = "bundle"
+
+    method: str
+    backbone: BackboneInfo
+    input: InputSpec
+    classes: ClassList
+    learner: LearnerFacts
+    config: Dict[str, Any]
+    files: Dict[str, str] = field(default_factory=dict)
+    pet: Optional[Dict[str, Any]] = None
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    edgecl_version: str = ""
+    created: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fix(cls, path) -> str:
+        return BUNDLE_FIX
+
+    @property
+    def data_config(self) -> dict:
+        """The resolved ``data`` section of the run's configuration (where its images were)."""
+        return dict(self.config.get("data") or {})
+
+    def head_kinds(self) -> dict:
+        """``{learner: head kind}``."""
+        return {ln: self.learner.head for ln in self.learner.learners}
+
+
+# ----------------------------------------------------------------------------- the engine directory
+
+@dataclass
+class LearnerOutput:
+    """One learner of an engine directory: its graph output and its head's kind."""
+
+    output: str
+    head: str
+    feature_dim: Optional[int] = None
+
+
+@dataclass
+class Aggregation:
+    """SAFE's entropy-weighted aggregation of the learners, and what the engine predicts
+    (``aggregate``, or one learner alone as the bundle's ``safe.inference`` said)."""
+
+    kind: str = "entropy"
+    gamma: float = 1.0
+    predict: str = "aggregate"
+
+
+@dataclass
+class ClassesRef:
+    file: str = "classes.json"
+    count: int = 0
+
+
+@dataclass
+class ModelEntry:
+    file: str
+    runtime: str = "onnxruntime"
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EnginePlan:
+    """A TensorRT plan in the directory: its file, precision, TensorRT version, device and the
+    ONNX it was built from."""
+
+    file: str
+    precision: str
+    onnx: str = "model.fp32.onnx"
+    tensorrt: Optional[str] = None
+    device: Optional[str] = None
+    onnx_sha256: Optional[str] = None
+    batch_range: List[int] = field(default_factory=lambda: [1, 8, 32])
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SourceBundle:
+    path: str = ""
+    manifest_sha256: str = ""
+    A_last: Optional[float] = None
+    val_per_class: Optional[int] = None
+
+
+@dataclass
+class EngineManifest(_Manifest):
+    """``ENGINE_DIR/manifest.json`` (format ``edgecl-engine``, version 1); ``files`` binds the
+    graph, heads, statistics, classes and parity report by sha256."""
+
+    FORMAT = "edgecl-engine"
+    VERSION = 1
+    WHAT = "engine directory"
+
+    input: InputSpec
+    learners: Dict[str, LearnerOutput]
+    classes: ClassesRef
+    models: Dict[str, ModelEntry]
+    files: Dict[str, str]
+    method: Optional[str] = None
+    backbone: Optional[Dict[str, Any]] = None
+    source_bundle: SourceBundle = field(default_factory=SourceBundle)
+    aggregation: Optional[Aggregation] = None
+    precision: str = "fp32"
+    opset: Optional[int] = None
+    batch_range: List[int] = field(default_factory=lambda: [1, 8, 32])
+    engines: List[EnginePlan] = field(default_factory=list)
+    parity: Dict[str, Any] = field(default_factory=dict)
+    edgecl_version: str = ""
+    created: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fix(cls, path) -> str:
+        return engine_fix(path)
+
+    def head_kinds(self) -> dict:
+        return {ln: info.head for ln, info in self.learners.items()}
+
+    def default_precision(self) -> str:
+        """The model an engine directory runs by default: the precision it was exported for, or
+        fp32 when that has no ONNX model of its own (an fp16 TensorRT export runs its fp32 ONNX
+        outside TensorRT)."""
+        return self.precision if self.precision in self.models else "fp32"
+
+    def model_file(self, precision: Optional[str] = None) -> str:
+        """The ONNX file of ``precision`` (default :meth:`default_precision`); an explicit
+        precision the directory lacks is refused."""
+        precision = precision or self.default_precision()
+        if precision not in self.models:
+            raise EdgeclError(f"the engine directory has no {precision} ONNX model (it has: "
+                              f"{', '.join(self.models)}); export with --precision {precision}")
+        return self.models[precision].file
+
+    def identity(self) -> "EngineIdentity":
+        """The hashes that make a store valid for this engine: model, heads, statistics."""
+        model = self.models["fp32"].file if "fp32" in self.models else "model.fp32.onnx"
+        return EngineIdentity(self.files.get(model), self.files.get("heads.safetensors"),
+                              self.files.get("stats.safetensors"))
+
+
+# ----------------------------------------------------------------------------- the store
+
+STORE_FORMAT = "edgecl-store"
+STORE_VERSION = 1
+
+
+@dataclass
+class EngineIdentity:
+    model_sha256: Optional[str] = None
+    heads_sha256: Optional[str] = None
+    stats_sha256: Optional[str] = None
+
+
+@dataclass
+class StoreRecord:
+    """``gen-NNNNNNNN.json``, the commit record of a store generation (written last: the commit
+    point): the data file, its size and sha256, the engine it belongs to."""
+
+    generation: int
+    file: str
+    bytes: int
+    sha256: str
+    engine: EngineIdentity
+    classes: int = 0
+    created: str = ""
+    format: str = STORE_FORMAT
+    format_version: int = STORE_VERSION
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path) -> "StoreRecord":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise EdgeclError(f"{path} cannot be read as JSON ({one_line(exc)})") from None
+        rec = from_dict(cls, data, str(path), "the store generation is damaged")
+        if rec.format != STORE_FORMAT or rec.format_version != STORE_VERSION:
+            raise EdgeclError(f"{path} is not an {STORE_FORMAT} v{STORE_VERSION} commit record")
+        return rec
+
+    def to_json(self) -> dict:
+        return to_dict(self)
+
+
+@dataclass
+class ClassEntry:
+    """One class of a store generation, in logit order: an engine class (``base``: its index in
+    classes.json) or an enrolled one (``uid``)."""
+
+    name: str
+    base: Optional[int] = None
+    uid: Optional[int] = None
+
+
+@dataclass
+class StoreMeta:
+    """The metadata of a store generation's state (inside its safetensors file)."""
+
+    generation: int
+    engine: EngineIdentity
+    classes: List[ClassEntry]
+    policy: Dict[str, float]
+    removed_base: List[int] = field(default_factory=list)
+    next_uid: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    format: str = STORE_FORMAT
+    format_version: int = STORE_VERSION
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: Any, source: str) -> "StoreMeta":
+        meta = from_dict(cls, data, source, "the store generation is damaged")
+        if meta.format != STORE_FORMAT or meta.format_version != STORE_VERSION:
+            raise EdgeclError(f"{source}: not an {STORE_FORMAT} v{STORE_VERSION} state")
+        return meta
+
+    def to_json(self) -> dict:
+        return to_dict(self)
