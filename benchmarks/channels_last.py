@@ -1,26 +1,28 @@
 """Channels-last against plain NCHW memory for the PET backbone on this machine's CPU.
 
-    python benchmarks/channels_last.py [--size 96] [--batch 250] [--train-batch 48]
+    python -m benchmarks channels_last [--size 96] [--batch 250] [--train-batch 48] [--out runs/channels-last]
 
 Times a no-grad forward of ``--batch`` images and a PET training step (forward + backward)
 of ``--train-batch`` images, EfficientNet-Lite0 with SSF (the quick profile's model), in both
-memory formats, and prints the speed-up. The learners run channels-last
-(``edgecl.learners.base.Learner.prepare``).
+memory formats, and prints the speed-up as a Markdown table (OUT/table.md, OUT/results.json).
+The learners run channels-last (``edgecl.learners.base.Learner.prepare``).
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 
-import torch
+from benchmarks.common import markdown_table, parser, write_results
 
-from edgecl import pet as petlib
-from edgecl.backbones import create_backbone
-from edgecl.config import PETConfig
+PROG = "python -m benchmarks channels_last"
 
 
 def _model():
+    from edgecl import pet as petlib
+    from edgecl.backbones import create_backbone
+    from edgecl.config import PETConfig
+
     bb = create_backbone("tf_efficientnet_lite0", "default")
     petlib.inject_pet(bb.model, PETConfig(kinds=["ssf"]))
     petlib.freeze_for_pet(bb.model)
@@ -35,13 +37,18 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = parser(PROG, __doc__)
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--train-batch", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="runs/channels-last")
     args = ap.parse_args(argv)
+
+    import torch
+
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     xb = torch.randn(args.train_batch, 3, args.size, args.size)
@@ -56,12 +63,11 @@ def main(argv=None) -> dict:
         step = _time(lambda model=model, xbf=xbf: model(xbf).sum().backward(), args.repeats)
         out["channels_last" if fmt is torch.channels_last else "nchw"] = {"forward_s": fwd, "train_step_s": step}
     a, b = out["nchw"], out["channels_last"]
-    print(f"forward of {args.batch} images: NCHW {a['forward_s']:.2f} s, channels-last {b['forward_s']:.2f} s "
-          f"({100 * (1 - b['forward_s'] / a['forward_s']):.0f} % less time)")
-    print(f"training step of {args.train_batch}: NCHW {a['train_step_s']:.3f} s, channels-last "
-          f"{b['train_step_s']:.3f} s ({100 * (1 - b['train_step_s'] / a['train_step_s']):.0f} % less time)")
-    return out
-
-
-if __name__ == "__main__":
-    main()
+    rows = [[f"forward of {args.batch} images ({args.size} px, no grad)", f"{a['forward_s']:.2f}",
+             f"{b['forward_s']:.2f}", f"{100 * (1 - b['forward_s'] / a['forward_s']):.0f} %"],
+            [f"training step of {args.train_batch} (forward + backward)", f"{a['train_step_s']:.3f}",
+             f"{b['train_step_s']:.3f}", f"{100 * (1 - b['train_step_s'] / a['train_step_s']):.0f} %"]]
+    table = "\n".join(markdown_table(["measurement", "NCHW (s)", "channels-last (s)", "less time"], rows))
+    write_results(args.out, table, {"size": args.size, "batch": args.batch, "train_batch": args.train_batch,
+                                    "repeats": args.repeats, **out}, PROG, argv)
+    return 0

@@ -1,18 +1,18 @@
 """Must-show 1: ``edgecl run`` on a video of val images gives ``edgecl eval``'s accuracy.
 
-    python benchmarks/device_video_parity.py --engine /tmp/exp/ranpac-fp32 --data ../shared/data/tiny-imagenet-100
+    python -m benchmarks device_video_parity --engine /tmp/exp/ranpac-fp32 --data ../shared/data/tiny-imagenet-100
 
 The frames are the exact pixels ``edgecl eval ENGINE_DIR`` classifies (edgecl.data's decode:
 shorter side to the input size, bicubic, centre crop), in BGR, written at the model's input
 size to an FFV1 (lossless) .avi, so the loop's resize is a no-op and the video adds no loss
 (checked: the decoded frames are compared with the source pixels). The loop runs as the CLI
 does (``edgecl run ... --headless --jsonl``) and its top-1 labels are scored against the val
-labels; ``edgecl eval ENGINE_DIR --json`` runs on the same folder.
+labels; ``edgecl eval ENGINE_DIR --json`` runs on the same folder. Prints the two accuracies as
+a Markdown table (OUT/table.md) and writes the figures to OUT/results.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,23 +23,28 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import markdown_table, parser, read_manifest, write_results
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+PROG = "python -m benchmarks device_video_parity"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = parser(PROG, __doc__)
     ap.add_argument("--engine", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", default="val")
     ap.add_argument("--work", help="Folder for the video and the JSON lines (default: a temporary one).")
+    ap.add_argument("--out", default="runs/device-video-parity", help="Folder for table.md and results.json.")
     args = ap.parse_args(argv)
 
     import cv2
 
     from edgecl.data import load_imagefolder
-    from edgecl.device.engine_dir import class_names, read_manifest
 
     manifest = read_manifest(args.engine)
     size = int(manifest["input"]["size"])
-    classes = class_names(args.engine, manifest)
+    classes = json.loads((Path(args.engine) / manifest["classes"].get("file", "classes.json")).read_text())
     known = {c: i for i, c in enumerate(classes)}
     folder = Path(args.data) / args.split
     images = load_imagefolder(folder, size=size, progress=False)
@@ -86,8 +91,8 @@ def main(argv=None) -> dict:
               "difference": round(run_acc - eval_res["accuracy"], 4), "run_summary": summary,
               "run_wall_s": round(run_s, 1)}
     print(json.dumps(result))
-    return result
-
-
-if __name__ == "__main__":
-    main()
+    rows = [["`edgecl run` (top-1 of the JSON lines)", f"**{result['run_accuracy']:.2f}**", result["frames"]],
+            [f"`edgecl eval {args.engine}`", f"**{result['eval_accuracy']:.2f}**", result["eval_n"]]]
+    table = "\n".join(markdown_table(["", "accuracy", "n"], rows))
+    write_results(args.out, table, result, PROG, argv)
+    return 0

@@ -1,6 +1,6 @@
-"""SAFE ablation on the quick protocol, mean and spread over seeds, as one table.
+r"""SAFE ablation on the quick protocol, mean and spread over seeds, as one table.
 
-    python benchmarks/safe_ablation.py --data ../shared/data/tiny-imagenet-100 \
+    python -m benchmarks safe_ablation --data ../shared/data/tiny-imagenet-100 \
         --seeds 1993 1996 1997 --out runs/safe-ablation
 
 Rows (each A_last / A_avg, mean ± std over the seeds):
@@ -17,29 +17,25 @@ Rows (each A_last / A_avg, mean ± std over the seeds):
                                         fast alone), e.g.
                                         --variant "no cross-classification:safe.lambda_cc=0"
 Slow-alone, fast-alone and aggregate come from the same run (metrics.json has all three).
-Prints the Markdown table and writes OUT/ablation.md and OUT/ablation.json.
+Prints the Markdown table and writes OUT/table.md and OUT/results.json (also written after every
+run, so partial results survive an interruption). Finished runs under --out are reused when
+their configuration matches (benchmarks.common.run_quick), so seeds can run in separate
+processes sharing one --out.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
+from benchmarks.common import markdown_table, mean_std, parser, run_quick, write_json, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quick_protocol import run_quick
-
-
-def _fmt(values) -> str:
-    values = np.asarray(values, dtype=float)
-    return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+PROG = "python -m benchmarks safe_ablation"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = parser(PROG, __doc__)
     ap.add_argument("--data", required=True)
     ap.add_argument("--seeds", nargs="+", type=int, default=[1993, 1996, 1997])
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]")
@@ -53,8 +49,7 @@ def main(argv=None) -> int:
     def add(name, seed, m):
         rows.setdefault(name, {})[seed] = ({k: m[k] for k in ("A_last", "A_avg")}
                                            | {k: m.get(k) for k in ("wall_s", "learn_s")})
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ablation.json").write_text(json.dumps(rows, indent=2))  # partial results survive an interruption
+        write_json(out / "results.json", rows, PROG, argv)  # partial results survive an interruption
 
     for seed in args.seeds:
         m = run_quick("ranpac", seed, args.data, out / f"ranpac-s{seed}", reuse=True)
@@ -76,24 +71,17 @@ def main(argv=None) -> int:
             add(f"SAFE, {name}: fast alone", seed, mv["fast"] | {"wall_s": None})
         print(f"seed {seed} done", file=sys.stderr, flush=True)
 
-    lines = ["| variant | A_last | A_avg | seeds | wall time per run (s) | of which learning (s) |",
-             "|---|---|---|---|---|---|"]
+    table_rows = []
     for name, per_seed in rows.items():
         seeds = sorted(per_seed)
 
         def times(key, per_seed=per_seed, seeds=seeds):
             t = [per_seed[s].get(key) for s in seeds]
             return "/".join("-" if v is None else f"{v:.0f}" for v in t) if any(v is not None for v in t) else "-"
-        lines.append(f"| {name} | {_fmt([per_seed[s]['A_last'] for s in seeds])} | "
-                     f"{_fmt([per_seed[s]['A_avg'] for s in seeds])} | {', '.join(map(str, seeds))} | "
-                     f"{times('wall_s')} | {times('learn_s')} |")
-    table = "\n".join(lines)
-    print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.md").write_text(table + "\n")
-    (out / "ablation.json").write_text(json.dumps(rows, indent=2))
+        table_rows.append([name, mean_std([per_seed[s]["A_last"] for s in seeds]),
+                           mean_std([per_seed[s]["A_avg"] for s in seeds]), ", ".join(map(str, seeds)),
+                           times("wall_s"), times("learn_s")])
+    table = "\n".join(markdown_table(["variant", "A_last", "A_avg", "seeds", "wall time per run (s)",
+                                      "of which learning (s)"], table_rows))
+    write_results(out, table, rows, PROG, argv)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,24 +1,22 @@
 """The SLCA papers' ordering on the quick protocol, as one table.
 
-    python benchmarks/slca_ordering.py --data ../shared/data/tiny-imagenet-100 --out runs/slca-ordering
+    python -m benchmarks slca_ordering --data ../shared/data/tiny-imagenet-100 --out runs/slca-ordering
 
 Runs `edgecl train --profile quick` (seed 1993 unless --seed) for SimpleCIL, sequential
 fine-tuning, SLCA and SLCA++ (each an ordinary bundle under --out), prints a Markdown table
 (A_last, A_avg, forgetting, wall time) with the orderings the papers report checked
 (seqft far below SimpleCIL, SLCA above SimpleCIL, SLCA++ at least SLCA), and writes it to
-OUT/ordering.md with the raw metrics in OUT/ordering.json. Exit status 1 if an ordering fails.
+OUT/table.md with the raw metrics in OUT/results.json. Exit status 1 if an ordering fails.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quick_protocol import run_quick
+from benchmarks.common import markdown_table, parser, run_quick, write_results
 
+PROG = "python -m benchmarks slca_ordering"
 METHODS = ("simplecil", "seqft", "slca", "slcapp")
 
 
@@ -36,7 +34,8 @@ def orderings(results: dict) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = parser(PROG, __doc__)
     ap.add_argument("--data", required=True, help="tiny-imagenet-100 (ImageFolder with train/ and val/)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--seed", type=int, default=1993)
@@ -53,19 +52,12 @@ def main(argv=None) -> int:
         print(f"{method}: A_last {m['A_last']:.2f} A_avg {m['A_avg']:.2f} ({m['wall_s']:.0f} s)",
               file=sys.stderr, flush=True)
 
-    lines = ["| method | A_last | A_avg | forgetting | wall time (s) |", "|---|---|---|---|---|"]
-    for method, m in results.items():
-        lines.append(f"| {method} | {m['A_last']:.2f} | {m['A_avg']:.2f} | {m['forgetting']:.2f} | {m['wall_s']:.0f} |")
+    rows = [[method, f"{m['A_last']:.2f}", f"{m['A_avg']:.2f}", f"{m['forgetting']:.2f}", f"{m['wall_s']:.0f}"]
+            for method, m in results.items()]
+    lines = markdown_table(["method", "A_last", "A_avg", "forgetting", "wall time (s)"], rows)
     checks = orderings(results)
     lines += [""] + [f"- {text}: {'yes' if ok else 'NO'}" for text, ok in checks]
     table = "\n".join(lines)
-    print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ordering.md").write_text(table + "\n")
-    (out / "ordering.json").write_text(json.dumps({"seed": args.seed, "sets": args.sets, "results": results,
-                                                   "orderings": dict(checks)}, indent=2))
+    write_results(out, table, {"seed": args.seed, "sets": args.sets, "results": results, "orderings": dict(checks)},
+                  PROG, argv)
     return 0 if all(ok for _, ok in checks) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

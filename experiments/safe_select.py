@@ -1,6 +1,6 @@
-"""Choose SAFE's free hyper-parameters on held-out *training* images, never on test images.
+r"""Choose SAFE's free hyper-parameters on held-out *training* images, never on test images.
 
-    python benchmarks/safe_select.py --data ../shared/data/tiny-imagenet-100 --out runs/safe-select
+    python -m experiments.safe_select --data ../shared/data/tiny-imagenet-100 --out runs/safe-select
 
 The quick protocol trains on the first 100 training images of each class (sorted by file
 name); tiny-imagenet-100 has 500. This script builds a validation ImageFolder of symlinks to
@@ -11,31 +11,35 @@ NAME:KEY=VALUE[,KEY=VALUE]``; the defaults below). The val/ folder of the data i
 Default candidates: the transfer-loss weights of the slow learner (Eq. 2-3), with the fast
 learner switched off (``safe.fast_epochs=0``), because the transfer loss only shapes the slow
 learner and the slow learner's RanPAC head alone is what it is judged by. Prints slow-alone,
-fast-alone and aggregate A_last / A_avg per candidate and writes OUT/select.md.
+fast-alone and aggregate A_last / A_avg per candidate and writes OUT/select.md and
+OUT/select.json.
 
 The fast learner's alignment weight was chosen the same way (docs/METHODS.md), one candidate
 per process (they share --out and the held-out folder)::
 
-    python benchmarks/safe_select.py --data ../shared/data/tiny-imagenet-100 --out runs/safe-select \
+    python -m experiments.safe_select --data ../shared/data/tiny-imagenet-100 --out runs/safe-select \
         --candidate "cos 15:safe.lambda_cos=15"
 
 ``--gamma-sweep NAME:KEY=VALUE[,...]`` trains one full SAFE run that way (evaluated on the
 held-out images) and then recomputes its final aggregate for each ``--gammas`` value from the
 slow and fast logits (gamma only acts at inference, Eq. 8-9), then a few other per-image
-rules and the oracle, writing OUT/gamma-NAME.md. ``--sweep-bundle DIR`` does the same for a bundle
-already trained on this held-out protocol (e.g. a candidate's run under --out).
+rules and the oracle, writing OUT/gamma-NAME.md and OUT/gamma-NAME.json. ``--sweep-bundle DIR``
+does the same for a bundle already trained on this held-out protocol (e.g. a candidate's run
+under --out).
+
+The outcomes (transfer loss off and lambda_cos 15 in the quick profile, gamma 1 kept) are in
+docs/METHODS.md (SAFE); the aggregation rules and the oracle in docs/BENCHMARKS.md (SAFE).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quick_protocol import run_quick
+from benchmarks.common import markdown_table, parser, read_manifest, run_quick, write_results
+
+PROG = "python -m experiments.safe_select"
 
 DEFAULT_CANDIDATES = [
     "no transfer loss:safe.lambda_diag=0,safe.lambda_rdn=0,safe.fast_epochs=0",
@@ -48,8 +52,6 @@ DEFAULT_CANDIDATES = [
 def build_heldout(train_dir: Path, out: Path, per_class: int, skip: int) -> Path:
     """Symlinks to the last ``per_class`` training images of every class (sorted by name as
     the loader sorts them), all beyond the first ``skip`` the protocol trains on."""
-    from edgecl.data import _is_image
-
     out.mkdir(parents=True, exist_ok=True)
     for cls in sorted(e.name for e in os.scandir(train_dir) if e.is_dir()):
         names = sorted(n for n in os.listdir(train_dir / cls) if _is_image(n))
@@ -62,6 +64,15 @@ def build_heldout(train_dir: Path, out: Path, per_class: int, skip: int) -> Path
             except FileExistsError:
                 pass
     return out
+
+
+def _is_image(name: str) -> bool:
+    """An image file name as edgecl's ImageFolder loader counts one: a known extension in any
+    case, not hidden."""
+    from edgecl.data import IMAGE_EXTENSIONS
+
+    stem, dot, ext = name.rpartition(".")
+    return bool(stem) and dot == "." and name[0] != "." and ext.lower() in IMAGE_EXTENSIONS
 
 
 def _percent_correct(pred, y) -> float:
@@ -114,7 +125,8 @@ def gamma_sweep(bundle: Path, heldout: Path, gammas) -> list:
     from edgecl.losses import entropy_aggregate
     from edgecl.train import load_learner
 
-    learner, manifest = load_learner(str(bundle))
+    learner, _ = load_learner(str(bundle))
+    manifest = read_manifest(bundle)
     images = load_imagefolder(heldout, size=manifest["input"]["size"], progress=False)
     rows, y = images.relabel(manifest["classes"]["names"])
     logits = learner.predict(with_labels(images.subset(rows), y))
@@ -130,7 +142,8 @@ def gamma_sweep(bundle: Path, heldout: Path, gammas) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = parser(PROG, __doc__)
     ap.add_argument("--data", required=True, help="tiny-imagenet-100 (its train/ folder is used)")
     ap.add_argument("--seed", type=int, default=1993)
     ap.add_argument("--val-per-class", type=int, default=50)
@@ -156,12 +169,13 @@ def main(argv=None) -> int:
             run_quick("safe", args.seed, str(train_dir), bundle, sets.split(",") + [f"data.val_root={heldout}"],
                       reuse=True)
         sweep = gamma_sweep(bundle, heldout, args.gammas)
-        lines = [f"| gamma ({name}, held-out training images) | aggregate A_last | mean slow weight (std) |",
-                 "|---|---|---|"]
-        lines += [f"| {r['gamma']} | {r['A_last']:.2f} | " + (f"{r['w_slow_mean']:.3f} ({r['w_slow_std']:.3f})"
-                                                           if "w_slow_mean" in r else "-") + " |" for r in sweep]
-        print("\n".join(lines))
-        (out / f"gamma-{name.replace(' ', '_')}.md").write_text("\n".join(lines) + "\n")
+        rows = [[r["gamma"], f"{r['A_last']:.2f}",
+                 f"{r['w_slow_mean']:.3f} ({r['w_slow_std']:.3f})" if "w_slow_mean" in r else "-"] for r in sweep]
+        lines = markdown_table([f"gamma ({name}, held-out training images)", "aggregate A_last",
+                                "mean slow weight (std)"], rows)
+        stem = f"gamma-{name.replace(' ', '_')}"
+        write_results(out, "\n".join(lines), {"bundle": str(bundle), "sweep": sweep}, PROG, argv, md=f"{stem}.md",
+                      json_name=f"{stem}.json")
         return 0
     rows = []
     for spec in args.candidate or DEFAULT_CANDIDATES:
@@ -175,16 +189,11 @@ def main(argv=None) -> int:
         r = rows[-1]
         print(f"{name}: slow {r['slow']['A_last']:.2f} fast {r['fast']['A_last']:.2f} "
               f"aggregate {r['aggregate']['A_last']:.2f} ({m['wall_s']:.0f} s)", file=sys.stderr, flush=True)
-    lines = ["| candidate (held-out training images) | slow A_last / A_avg | fast A_last / A_avg "
-             "| aggregate A_last / A_avg |",
-             "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]['A_last']:.2f} / {r[k]['A_avg']:.2f}"
-                                                       for k in ("slow", "fast", "aggregate")) + " |")
-    table = "\n".join(lines)
-    print(table)
-    (out / "select.md").write_text(table + "\n")
-    (out / "select.json").write_text(json.dumps(rows, indent=2))
+    table_rows = [[r["name"], *(f"{r[k]['A_last']:.2f} / {r[k]['A_avg']:.2f}" for k in ("slow", "fast", "aggregate"))]
+                  for r in rows]
+    lines = markdown_table(["candidate (held-out training images)", "slow A_last / A_avg", "fast A_last / A_avg",
+                            "aggregate A_last / A_avg"], table_rows)
+    write_results(out, "\n".join(lines), rows, PROG, argv, md="select.md", json_name="select.json")
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Classifier alignment with each covariance form of the class statistics: A_last against the
-bytes stored per class, on the quick protocol.
+"""Selects the exported covariance form of SLCA's class statistics: A_last against bytes per class.
 
-    python benchmarks/cov_forms.py --data ../shared/data/tiny-imagenet-100 --out runs/cov-forms
+    python -m experiments.cov_forms --data ../shared/data/tiny-imagenet-100 --out runs/cov-forms
+
+Classifier alignment with each covariance form of the class statistics, on the quick protocol.
 
 One SLCA run (``--method``, quick profile, seed 1993, full covariances) is trained through all
 sessions. Because the alignment trains a *copy* of the heads and the next session starts from
@@ -14,18 +15,20 @@ alignment is re-run with the same seed, and the aligned heads are scored on the 
 all classes. That A_last is exactly what a full run with that form would report; the "full"
 row reproduces the run's own A_last (a check). ``--draws N`` repeats every form's alignment with
 N independent sampling seeds (the first is the run's) to show the sampling noise. Prints a
-Markdown table and writes OUT/cov_forms.md and OUT/cov_forms.json.
+Markdown table and writes OUT/cov_forms.md and OUT/cov_forms.json. The outcome (lowrank r = 64,
+the default ``slca.export_cov_form``) is in docs/BENCHMARKS.md, "Covariance forms".
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import markdown_table, mean_std, parser, write_results
+
+PROG = "python -m experiments.cov_forms"
 
 
 def parse_form(text: str) -> tuple:
@@ -37,7 +40,8 @@ def parse_form(text: str) -> tuple:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = parser(PROG, __doc__)
     ap.add_argument("--data", required=True)
     ap.add_argument("--method", default="slca", choices=["slca", "slcapp"])
     ap.add_argument("--seed", type=int, default=1993)
@@ -95,25 +99,22 @@ def main(argv=None) -> int:
 
     full = next((r["A_last"] for r in rows if r["form"] == "full"), None)
     full_draws = next((r["A_last_draws"] for r in rows if r["form"] == "full"), None)
-    header = (f"| covariance form | A_last | vs full | A_last over {args.draws} alignment draws (mean ± std) | "
-              "vs full, same draws (mean) | bytes per class (float32) | stored once | alignment time (s) |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = ["covariance form", "A_last", "vs full", f"A_last over {args.draws} alignment draws (mean ± std)",
+              "vs full, same draws (mean)", "bytes per class (float32)", "stored once", "alignment time (s)"]
+    table_rows = []
     for r in rows:
         diff = f"{r['A_last'] - full:+.2f}" if full is not None else "-"
         d = np.asarray(r["A_last_draws"])
         paired = f"{(d - np.asarray(full_draws)).mean():+.2f}" if full_draws is not None else "-"
         once = f"{r['shared_bytes']:,}" if r["shared_bytes"] else "-"
-        lines.append(f"| {r['form']} | {r['A_last']:.2f} | {diff} | {d.mean():.2f} ± {d.std():.2f} | {paired} | "
-                     f"{r['bytes_per_class']:,} | {once} | {r['align_s']:.0f} |")
+        table_rows.append([r["form"], f"{r['A_last']:.2f}", diff, mean_std(d, bare_single=False), paired,
+                           f"{r['bytes_per_class']:,}", once, f"{r['align_s']:.0f}"])
+    lines = markdown_table(header, table_rows)
     lines.append(f"\n{args.method} run (full covariances, what `edgecl train` reports): "
                  f"A_last {metrics['A_last']:.2f}, A_avg {metrics['A_avg']:.2f}, {train_s:.0f} s")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cov_forms.md").write_text(table + "\n")
-    (out / "cov_forms.json").write_text(json.dumps({"method": args.method, "seed": args.seed, "run": metrics,
-                                                    "train_s": round(train_s, 1), "forms": rows}, indent=2))
+    write_results(args.out, "\n".join(lines), {"method": args.method, "seed": args.seed, "run": metrics,
+                                               "train_s": round(train_s, 1), "forms": rows},
+                  PROG, argv, md="cov_forms.md", json_name="cov_forms.json")
     return 0
 
 

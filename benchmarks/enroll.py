@@ -1,6 +1,6 @@
 """Must-show 3: enrolling classes the engine never saw, closed-form update vs imprinting.
 
-    python benchmarks/enroll_bench.py --engine /tmp/dev/eng90 --data ../shared/data/tiny-imagenet-100
+    python -m benchmarks enroll --engine /tmp/dev/eng90 --data ../shared/data/tiny-imagenet-100 --out runs/enroll
 
 The engine directory comes from a bundle trained on the first 90 classes of the seeded order
 (``edgecl train ... --set data.num_classes=90``); the 10 classes it never saw are enrolled one
@@ -19,21 +19,28 @@ weights a new class's rows in G, beta its Q column, by (n_ref / n_c)), and proto
 (class-mean columns, norm-matched). ``ms/class`` = projection + update of the heads per class
 (median over the 10 classes; feature extraction, which includes the projection
 h = ReLU(W_rand^T f) when it runs in the engine, excluded). Views are averaged in h.
+
+Prints one JSON line per row as it goes, then the Markdown table (OUT/table.md) and the choice;
+OUT/results.json has every row (``drift``: the enrolled head against a fresh solve), the chosen
+weighting and the chosen views.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import markdown_table, parser, write_results
+
+PROG = "python -m benchmarks enroll"
 TIE = 0.5
 
 
@@ -69,25 +76,25 @@ def accuracy(scores: np.ndarray, labels: np.ndarray, new_mask: np.ndarray) -> di
             "hmean": round(float(2 * old * new / max(old + new, 1e-9)), 2)}
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = parser(PROG, __doc__)
     ap.add_argument("--engine", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--shots", type=int, default=20)
     ap.add_argument("--cache", default="/tmp/edgecl-enroll-bench")
-    ap.add_argument("--out", help="Write the results as JSON here.")
+    ap.add_argument("--out", default="runs/enroll", help="Folder for table.md and results.json.")
     args = ap.parse_args(argv)
 
     from edgecl.device.engine_dir import read_manifest
     from edgecl.device.enroll import ClassHeads, augment_views, imprint_columns
-    from edgecl.device.heads import project
     from edgecl.device.runtime import Runtime
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     root = Path(args.data)
     manifest = read_manifest(args.engine)
-    sha = manifest["files"]["model.fp32.onnx"]
+    sha = manifest.files["model.fp32.onnx"]
     store_tmp = Path(tempfile.mkdtemp(prefix="enroll-bench-"))
     rt = Runtime(args.engine, "ort-cpu", store=store_tmp / "probe", log=lambda m: None)
     size, old_names = rt.size, list(rt.classes)
@@ -119,8 +126,8 @@ def main(argv=None) -> dict:
     print(f"features ready ({time.perf_counter() - t0:.0f} s)")
     n = args.shots
 
-    W_rand = rt.heads.W_rand["main"]
-    enroll_h = {c: project(F, W_rand) for c, F in enroll_feats.items()}  # the heads' inputs, per view
+    head = rt.heads.heads["main"]  # a RanPAC head
+    enroll_h = {c: head.inputs(F) for c, F in enroll_feats.items()}  # the heads' inputs, per view
 
     def view_rows(H, views, average=False):
         """The rows of one class: its views' h, each a row or averaged per image."""
@@ -132,12 +139,12 @@ def main(argv=None) -> dict:
     def closed_form(label, policy, views, average=False):
         store = store_tmp / label.replace(" ", "_").replace("/", "-")
         heads = ClassHeads(args.engine, manifest, store, policy=policy, log=lambda m: None)
-        heads.ridge("main")
+        heads.prepare()
         ms = []
         for c in new_names:
             info = heads.enroll(c, {"main": view_rows(enroll_h[c], views, average)})
             ms.append(info["update_ms"])
-        ridge = heads.ridge("main")
+        ridge = heads.heads["main"].ridge()
         W = ridge.W.copy()
         drift = float(np.abs(W - ridge.solve_fresh()).max() / np.abs(W).max())
         row = {"method": label, "policy": policy, "views": list(views), "averaged": average,
@@ -154,13 +161,13 @@ def main(argv=None) -> dict:
         ``center``: means taken after removing the mean h of the engine's data; ``tune``: the
         column scale picked on the select split (imprinting's best case), else the mean norm
         of the existing columns."""
-        W = np.asarray(rt.heads.tensors["main"]["ranpac.W"], np.float32)
-        _, Q, _, counts = rt.heads.base_statistics("main")
+        W = head.W
+        _, Q, counts = head.base_statistics()
         mu = (Q.sum(1) / counts.sum()).astype(np.float32) if center else np.zeros(Q.shape[0], np.float32)
         t = time.perf_counter()
         W2 = imprint_columns(W, [view_rows(enroll_h[c], views, average) - mu for c in new_names])
         ms = 1000 * (time.perf_counter() - t) / len(new_names)
-        Hs = {name: project(F, W_rand) for name, (F, _) in evals.items()}
+        Hs = {name: head.inputs(F) for name, (F, _) in evals.items()}
         k = len(old_names)
 
         def scores(name, mult):
@@ -207,25 +214,24 @@ def main(argv=None) -> dict:
     top = max(r["select"]["hmean"] for r in same)
     best_views = max((r for r in same if r["select"]["hmean"] >= top - TIE), key=lambda r: r["select"]["old"])
 
-    print("\n| method | views (rows/class) | select new / old | **val new** | **val old** | val all | ms/class |")
-    print("|---|---|---|---|---|---|---|")
+    table_rows = []
     for r in results:
         views = "+".join(r["views"]) + (" averaged" if r["averaged"] else "")
         mark = " (chosen weighting)" if r is best else ""
         mark += " (chosen views)" if r is best_views else ""
-        print(f"| {r['method']}{mark} | {views} ({r.get('rows_per_class', args.shots)}) | "
-              f"{r['select']['new']:.1f} / {r['select']['old']:.1f} | {r['val']['new']:.1f} | {r['val']['old']:.1f} | "
-              f"{r['val']['all']:.1f} | {r['ms_per_class']} |")
-    print(f"\nchosen on the select split (harmonic mean of new and old accuracy; within {TIE} points of the best: "
-          f"the smallest cost to the old classes): {best['method']} {best['views']}"
-          f"{' averaged' if best['averaged'] else ''}; threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
-    print(f"chosen views (same rule): {'+'.join(best_views['views'])}{' averaged' if best_views['averaged'] else ''}")
+        table_rows.append([f"{r['method']}{mark}", f"{views} ({r.get('rows_per_class', args.shots)})",
+                           f"{r['select']['new']:.1f} / {r['select']['old']:.1f}", f"{r['val']['new']:.1f}",
+                           f"{r['val']['old']:.1f}", f"{r['val']['all']:.1f}", r["ms_per_class"]])
+    lines = markdown_table(["method", "views (rows/class)", "select new / old", "**val new**", "**val old**",
+                            "val all", "ms/class"], table_rows)
+    lines += ["", f"chosen on the select split (harmonic mean of new and old accuracy; within {TIE} points of the "
+              f"best: the smallest cost to the old classes): {best['method']} {best['views']}"
+              f"{' averaged' if best['averaged'] else ''}; threads: "
+              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
+              f"chosen views (same rule): {'+'.join(best_views['views'])}"
+              f"{' averaged' if best_views['averaged'] else ''}"]
+    print()
     out = {"engine": args.engine, "new_classes": new_names, "shots": args.shots, "results": results,
            "chosen": best, "chosen_views": best_views}
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
-    return out
-
-
-if __name__ == "__main__":
-    main()
+    write_results(args.out, "\n".join(lines), out, PROG, argv)
+    return 0

@@ -1,18 +1,27 @@
-"""Export figures: parity, engine-dir accuracy (fp32 / int8) and ONNX Runtime CPU latency of
-the exported graph (folded PET) against the bare backbone's graph at the same batch.
+r"""Export figures: parity, engine-directory accuracy (fp32 / int8) and ONNX Runtime CPU latency.
 
-    python benchmarks/export_bench.py --bundle /tmp/runs/ranpac --data ../shared/data/tiny-imagenet-100 \
+    python -m benchmarks export --bundle /tmp/runs/ranpac --data ../shared/data/tiny-imagenet-100 \
         --out /tmp/exp/bench [--int8] [--batch 1,32] [--threads 2]
+
+Exports the bundle to OUT/engine-fp32 (OUT/engine-int8 with --int8), reads its parity report,
+evaluates the engine directory on the val images at each precision (not with --skip-eval), and
+times the exported graph (folded PET) against the bare backbone's graph (OUT/bare.onnx) at each
+batch, the models taking turns. Prints the figures as a Markdown table (OUT/table.md) and writes
+them to OUT/results.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import markdown_table, parser, read_manifest, write_results
+
+PROG = "python -m benchmarks export"
 
 
 def latencies_ms(paths: dict, batch: int, size: int, threads: int, rounds: int = 10, reps: int = 5) -> dict:
@@ -40,14 +49,16 @@ def bare_graph(bundle, path, size) -> None:
     from edgecl.export.graph import ExportGraph, export_onnx, static_same_padding
     from edgecl.train import load_learner
 
-    learner, m = load_learner(str(bundle))
+    learner, _ = load_learner(str(bundle))
+    m = read_manifest(bundle)
     graph = ExportGraph({"main": learner.ptm}, m["input"]["mean"], m["input"]["std"])
     static_same_padding(graph, size)
     export_onnx(graph, path, size)
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = parser(PROG, __doc__)
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
@@ -57,15 +68,16 @@ def main():
     ap.add_argument("--batch", default="1,32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-eval", action="store_true")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     from edgecl.device.evaluate import evaluate_engine_dir
     from edgecl.export.exporter import export_bundle
 
     out = Path(a.out)
     res = {"bundle": a.bundle}
     eng = out / ("engine-int8" if a.int8 else "engine-fp32")
-    manifest = export_bundle(a.bundle, eng, precision="int8" if a.int8 else "fp32", calib_count=a.calib_count,
-                             calib_method=a.calib_method, log=lambda *_: None)
+    export_bundle(a.bundle, eng, precision="int8" if a.int8 else "fp32", calib_count=a.calib_count,
+                  calib_method=a.calib_method, log=lambda *_: None)
+    manifest = read_manifest(eng)
     size = manifest["input"]["size"]
     res["A_last_bundle"] = manifest["source_bundle"]["A_last"]
     res["parity"] = json.loads((eng / "parity.json").read_text())
@@ -80,7 +92,21 @@ def main():
         lat["folded_vs_bare"] = f"{100 * (lat['fp32'] / lat['bare'] - 1):+.1f}%"
         res[f"latency_ms_b{b}"] = lat
     print(json.dumps(res, indent=1))
+    write_results(out, "\n".join(markdown_table(["figure", "value"], figure_rows(res))), res, PROG, argv)
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+def figure_rows(res: dict) -> list:
+    """[figure, value] rows of the results: bundle A_last, parity, accuracy per precision,
+    latency per batch."""
+    rows = [["bundle A_last", res["A_last_bundle"]]]
+    for precision, rep in res["parity"].items():
+        rows.append([f"parity {precision} ({rep.get('source')}): max abs / relative to feature scale, "
+                     "top-1 agreement",
+                     f"{rep['max_abs']:.2g} / {rep['max_rel']:.2g}, {100 * rep['top1_agreement']:.1f} %"])
+    rows += [[f"engine dir accuracy, {k[len('accuracy_'):]}", v] for k, v in res.items() if k.startswith("accuracy_")]
+    for k, lat in res.items():
+        if k.startswith("latency_ms_b"):
+            rows.append([f"latency, batch {k[len('latency_ms_b'):]} (ms, median)",
+                         ", ".join(f"{name} {v}" for name, v in lat.items())])
+    return rows
