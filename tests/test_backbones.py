@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_imagenet_path
 from PIL import Image
 
 from edgecl import backbones
@@ -22,8 +22,6 @@ from edgecl.backbones import (
 )
 from edgecl.core.errors import EdgeclError
 
-TINY = Path(os.environ.get("EDGECL_TINY_IMAGENET",
-                          Path(__file__).resolve().parents[2] / "shared/data/tiny-imagenet-100"))
 HALF = (0.5, 0.5, 0.5)
 
 
@@ -108,11 +106,12 @@ def test_broken_mapping_fails_the_sample_photo_check(monkeypatch, sample_frames)
 
 def _tiny_subset(classes: int = 50, per_class: int = 2, size: int = 224):
     """First ``per_class`` val images (sorted) of the first ``classes`` wnids -> uint8 NHWC, labels."""
-    if not (TINY / "val").is_dir():
-        pytest.skip(f"shared data {TINY} not present (set EDGECL_TINY_IMAGENET)")
+    tiny = tiny_imagenet_path()
+    if tiny is None:
+        pytest.skip("shared data ../shared/data/tiny-imagenet-100 not present (set EDGECL_TINY_IMAGENET)")
     index = {w: i for i, w in enumerate(imagenet_synsets())}
     frames, labels = [], []
-    for wdir in sorted(d for d in (TINY / "val").iterdir() if d.is_dir())[:classes]:
+    for wdir in sorted(d for d in (tiny / "val").iterdir() if d.is_dir())[:classes]:
         for f in sorted(wdir.iterdir())[:per_class]:
             img = Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)
             frames.append(np.array(img))

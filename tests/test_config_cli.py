@@ -2,9 +2,8 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
+from helpers import invoke, methods, one_line_error
 
-from edgecl.cli import cli
 from edgecl.config import config_from_dict, parse_set, resolve_config
 from edgecl.core.errors import EdgeclError
 
@@ -26,7 +25,7 @@ def test_help_lists_every_command_and_does_not_import_torch():
 
 
 def test_every_method_and_profile_resolves():
-    for method in ["simplecil", "ranpac", "safe"]:
+    for method in methods():  # the learner registry
         for profile in [None, "quick", "full", "demo"]:
             cfg = resolve_config(method, profile)
             assert cfg.method == method
@@ -59,21 +58,13 @@ def test_set_overrides_and_roundtrip():
         parse_set(["ranpac.M"])
 
 
-def _run(args):
-    return CliRunner().invoke(cli, args)
-
-
 def test_cli_errors_are_one_line(tmp_path):
-    res = _run(["train", "--method", "nope", "--data", str(tmp_path), "--out", str(tmp_path / "b")])
-    assert res.exit_code == 2
-    assert res.output.strip().count("\n") == 0 and "unknown method 'nope'" in res.output
-    res = _run(["train", "--method", "ranpac", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "b")])
-    assert res.exit_code == 2 and "missing" in res.output and "--data" in res.output
-    assert res.output.strip().count("\n") == 0
-    res = _run(["train", "--method", "slca", "--data", str(tmp_path), "--out", str(tmp_path / "b")])
-    assert res.exit_code == 2 and "no train/ sub-folder" in res.output  # slca is built: the data is what is wrong
-    assert res.output.strip().count("\n") == 0
-    res = _run(["export", str(tmp_path), "--out", str(tmp_path / "e")])
-    assert res.exit_code == 2 and "not an edgecl bundle" in res.output
-    res = _run(["eval", str(tmp_path / "nobundle"), "--data", str(tmp_path)])
-    assert res.exit_code == 2 and "does not exist" in res.output
+    # (quiet: nothing is logged before these errors, the error line is the whole output)
+    one_line_error(invoke(["train", "--method", "nope", "--data", str(tmp_path), "--out", str(tmp_path / "b")]),
+                   "unknown method 'nope'", quiet=True)
+    res = invoke(["train", "--method", "ranpac", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "b")])
+    one_line_error(res, "missing", "--data", quiet=True)
+    res = invoke(["train", "--method", "slca", "--data", str(tmp_path), "--out", str(tmp_path / "b")])
+    one_line_error(res, "no train/ sub-folder", quiet=True)  # slca is built: the data is what is wrong
+    one_line_error(invoke(["export", str(tmp_path), "--out", str(tmp_path / "e")]), "not an edgecl bundle")
+    one_line_error(invoke(["eval", str(tmp_path / "nobundle"), "--data", str(tmp_path)]), "does not exist")

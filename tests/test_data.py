@@ -10,18 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from edgecl import data as D
 from edgecl.config import DataConfig
 from edgecl.core.errors import EdgeclError
 from edgecl.data import (
     Scenario,
     augment_batch,
     build_scenario,
+    imagenet_r_split,
     iterate_batches,
     load_dataset,
     load_imagefolder,
     parse_split,
 )
+from edgecl.data import imagefolder as D
 
 
 def _write_image(path: Path, color, size=(20, 16), fmt=None) -> None:
@@ -70,7 +71,7 @@ def test_load_shapes_labels_and_cache_hit(tmp_path, cache, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decoded again: cache miss")
 
-    monkeypatch.setattr(D, "_decode_all", boom)
+    monkeypatch.setattr(D, "decode_files", boom)
     again = load_imagefolder(root, size=8, cache_dir=cache, workers=1, progress=False)
     assert isinstance(again.images, np.memmap) and not again.images.flags.writeable
     assert again.key == s.key
@@ -81,8 +82,8 @@ def test_cache_invalidation(tmp_path, cache, monkeypatch):
     root = make_tree(tmp_path / "data")
     first = load_imagefolder(root, size=8, cache_dir=cache, workers=1, progress=False)
     calls = []
-    real = D._decode_all
-    monkeypatch.setattr(D, "_decode_all", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    real = D.decode_files
+    monkeypatch.setattr(D, "decode_files", lambda *a, **k: (calls.append(1), real(*a, **k)))
 
     other_size = load_imagefolder(root, size=6, cache_dir=cache, workers=1, progress=False)
     assert len(calls) == 1 and other_size.images.shape == (6, 6, 6, 3) and other_size.key != first.key
@@ -129,7 +130,7 @@ def test_interrupted_cache_write_is_not_trusted(tmp_path, cache, monkeypatch):
         out[0] = 7
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(D, "_decode_all", killed)
+    monkeypatch.setattr(D, "decode_files", killed)
     with pytest.raises(KeyboardInterrupt):
         load_imagefolder(root, size=8, cache_dir=cache, workers=1, progress=False)
     assert not list((cache / "images").iterdir())
@@ -250,11 +251,11 @@ def test_load_dataset_layouts(tmp_path, cache):
 
 def test_imagenet_r_split_is_seeded_and_disjoint():
     files = [[f"c{c}_{i:03d}.jpg" for i in range(n)] for c, n in enumerate((10, 7, 25))]
-    train, test = D.imagenet_r_split(files)
+    train, test = imagenet_r_split(files)
     assert [len(t) for t in train] == [8, 6, 20] and [len(t) for t in test] == [2, 1, 5]
     for f, tr, te in zip(files, train, test):
         assert sorted(tr + te) == f and tr == sorted(tr)
-    assert D.imagenet_r_split(files) == (train, test)
+    assert imagenet_r_split(files) == (train, test)
 
 
 # --------------------------------------------------------------------------- scenarios

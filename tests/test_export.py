@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_export_fakes import make_fake_tensorrt
-from test_train import TINY, invoke, make_imagefolder
+from fakes.tensorrt import make_fake_tensorrt
+from helpers import PET_FOLDED, PET_KEPT, TINY, generic_methods, invoke, make_imagefolder, one_line_error, pet_kinds
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def work(tmp_path_factory):
     mp.setenv("EDGECL_CACHE", str(root / "cache"))
     data = make_imagefolder(root / "data")
     bundles = {}
-    for method in ("ranpac", "simplecil", "safe"):
+    for method in generic_methods():  # every method with RanPAC / prototype heads (SLCA family: below)
         out = root / f"bundle-{method}"
         extra = ["--set", "pet.kinds=[ssf, lora]"] if method == "ranpac" else []
         res = invoke(["train", "--data", str(data), "--method", method, "--out", str(out), *TINY, *extra])
@@ -43,7 +43,9 @@ def tiny_backbone():
 
 # ----------------------------------------------------------------------------- folding
 
-@pytest.mark.parametrize("kinds", [["ssf"], ["lora"], ["ssf", "lora"], ["ssf", "lora", "adapter"]])
+# every PET kind alone, the folded kinds together, and with a kept one
+@pytest.mark.parametrize("kinds", [[k] for k in pet_kinds()] + [list(PET_FOLDED), [*PET_FOLDED, "adapter"]],
+                         ids="+".join)
 def test_folding_is_exact_and_keeps_bare_structure(kinds, tmp_path):
     from edgecl import pet as petlib
     from edgecl.config import PETConfig
@@ -64,14 +66,16 @@ def test_folding_is_exact_and_keeps_bare_structure(kinds, tmp_path):
         ref, got = model.eval()(x), folded(x)
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     assert not any(isinstance(m, (petlib.SSF, petlib.LoRA)) for m in folded.modules())
-    if "adapter" not in kinds:  # the exported graph has the bare backbone's structure
+    if not set(kinds) & set(PET_KEPT):  # the exported graph has the bare backbone's structure
         norm = dict(mean=(0.5,) * 3, std=(0.5,) * 3)
         export_onnx(ExportGraph({"main": folded}, **norm), tmp_path / "f.onnx", 32)
         export_onnx(ExportGraph({"main": bare}, **norm), tmp_path / "b.onnx", 32)
         ops = lambda f: {k: v for k, v in onnx_op_counts(f).items() if k != "Identity"}  # noqa: E731
         assert ops(tmp_path / "f.onnx") == ops(tmp_path / "b.onnx")  # (Identity: deduplicated equal weights)
-    else:
-        assert any(isinstance(m, petlib.Adapter) for m in folded.modules())
+    else:  # the modules of the kept kinds are still there
+        kept = {"adapter": petlib.Adapter, "vpt": petlib.DeepVPT}
+        for kind in set(kinds) & set(PET_KEPT):
+            assert any(isinstance(m, kept[kind]) for m in folded.modules()), kind
 
 
 def test_graph_with_two_learners_has_an_output_each(tmp_path):
@@ -131,7 +135,7 @@ def test_static_same_padding_is_exact_and_leaves_no_shape_subgraph(tmp_path):
 
 # ----------------------------------------------------------------------------- engine dir
 
-@pytest.mark.parametrize("method", ["ranpac", "simplecil", "safe"])
+@pytest.mark.parametrize("method", generic_methods())
 def test_engine_dir_eval_matches_bundle_and_parity(work, method):
     import onnx
     import onnxruntime as ort
@@ -188,8 +192,8 @@ def test_slca_bundle_exports_with_its_linear_head(work, tmp_path, method):
     first = sorted((work["data"] / "val").iterdir())[0]
     ran = invoke(["run", str(eng), "--source", str(first), "--headless", "--store", str(tmp_path / "s")])
     assert ran.exit_code == 0 and json.loads(ran.stdout.strip().splitlines()[-1])["frames"] > 0
-    one_line(invoke(["enroll", str(eng), "--name", "new", "--images", str(first), "--store", str(tmp_path / "s")]),
-             "'linear' head", "cannot enroll")  # ... but cannot enroll into them yet
+    enroll = ["enroll", str(eng), "--name", "new", "--images", str(first), "--store", str(tmp_path / "s")]
+    one_line_error(invoke(enroll), "'linear' head", "cannot enroll")  # ... but cannot enroll into them yet
 
 
 def test_engine_dir_loads_without_torch(work):
@@ -199,15 +203,18 @@ def test_engine_dir_loads_without_torch(work):
             "from edgecl.device.engine_dir import open_engine_dir\n"
             "import numpy as np\n"
             f"e = open_engine_dir({str(work['engines']['ranpac'])!r})\n"
-            "h = e['heads']['main']; print(h.kind, h.logits(np.ones((2, h.W_rand.shape[0]), np.float32)).shape)")
+            "h = e.heads['main']; print(h.kind, h.logits(np.ones((2, h.W_rand.shape[0]), np.float32)).shape)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ranpac", "(2,", "4)"]
 
 
 def test_parity_on_generated_images_when_bundle_data_is_gone(work, tmp_path):
+    from edgecl.core.formats import BundleManifest
     from edgecl.export.exporter import parity_images
-    imgs, source = parity_images({"config": {"data": {"root": str(tmp_path / "gone")}}}, 32, 6, log=print)
+    bundle = BundleManifest.read(work["bundles"]["ranpac"])
+    bundle.config["data"]["root"] = str(tmp_path / "gone")
+    imgs, source = parity_images(bundle, 32, 6, log=print)
     assert imgs.shape == (6, 32, 32, 3) and imgs.dtype == np.uint8 and source.startswith("generated")
 
 
@@ -370,42 +377,36 @@ def test_trt8_int8_entropy_calibrator_and_cache(work, tmp_path, monkeypatch):
 def test_trt_parse_failure_is_one_line(work, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt("10.0.1", fail_parse=True))
     res = invoke(["export", str(work["bundles"]["simplecil"]), "--out", str(tmp_path / "x"), "--trt"])
-    assert res.exit_code == 2 and "TensorRT cannot parse model.fp32.onnx: fake parse error" in res.output
+    one_line_error(res, "TensorRT cannot parse model.fp32.onnx: fake parse error")
     assert not (tmp_path / "x").exists()
 
 
 # ----------------------------------------------------------------------------- user errors
 
-def one_line(res, *needles):
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output and res.stderr.strip().count("\n") == 0, res.output
-    for n in needles:
-        assert n in res.stderr, res.output
-
-
 def test_export_user_errors(work, tmp_path, monkeypatch):
     bundle = work["bundles"]["simplecil"]
-    one_line(invoke(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]), "does not exist")
+    one_line_error(invoke(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]), "does not exist")
     broken = tmp_path / "broken"
     shutil.copytree(bundle, broken)
     (broken / "heads.safetensors").unlink()
-    one_line(invoke(["export", str(broken), "--out", str(tmp_path / "o")]), "incomplete", "heads.safetensors")
+    one_line_error(invoke(["export", str(broken), "--out", str(tmp_path / "o")]), "incomplete", "heads.safetensors")
     old = tmp_path / "old"
     shutil.copytree(bundle, old)
     m = json.loads((old / "manifest.json").read_text())
     m["format_version"] = 99
     (old / "manifest.json").write_text(json.dumps(m))
-    one_line(invoke(["export", str(old), "--out", str(tmp_path / "o")]), "format version 99")
-    one_line(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--precision", "fp16"]),
-             "--precision fp16 needs --trt")
+    one_line_error(invoke(["export", str(old), "--out", str(tmp_path / "o")]), "format version 99")
+    one_line_error(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--precision", "fp16"]),
+                   "--precision fp16 needs --trt")
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    one_line(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--trt"]), "--trt", "not installed")
-    one_line(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--precision", "int8",
-                     "--calib-data", str(tmp_path / "missing")]), "--calib-data", "does not exist")
-    one_line(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--batch-range", "8,4,2"]), "--batch-range")
+    one_line_error(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--trt"]), "--trt", "not installed")
+    one_line_error(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--precision", "int8",
+                           "--calib-data", str(tmp_path / "missing")]), "--calib-data", "does not exist")
+    one_line_error(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--batch-range", "8,4,2"]),
+                   "--batch-range")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")
-    one_line(invoke(["export", str(bundle), "--out", str(tmp_path / "other")]), "not an engine directory")
+    one_line_error(invoke(["export", str(bundle), "--out", str(tmp_path / "other")]), "not an engine directory")
     assert not (tmp_path / "o").exists()
 
 

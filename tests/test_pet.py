@@ -6,6 +6,7 @@ import io
 import pytest
 import timm
 import torch
+from helpers import PET_FOLDED, PET_KEPT, PET_RANDOM_INIT, PET_VIT_ONLY, cnn_pet_kinds, pet_kinds
 from torch import nn
 
 from edgecl.config import PETConfig
@@ -25,8 +26,9 @@ from edgecl.pet import (
     set_pet_train_mode,
 )
 
-VIT_KINDS = [["ssf"], ["lora"], ["adapter"], ["vpt"], ["ssf", "lora"], ["ssf", "lora", "adapter", "vpt"]]
-CNN_KINDS = [["ssf"], ["lora"], ["adapter"], ["ssf", "lora"], ["ssf", "lora", "adapter"]]
+# every kind alone, the folded kinds together, all kinds (the ones a CNN takes, on the CNN)
+VIT_KINDS = [[k] for k in pet_kinds()] + [list(PET_FOLDED), pet_kinds()]
+CNN_KINDS = [[k] for k in cnn_pet_kinds()] + [list(PET_FOLDED), cnn_pet_kinds()]
 # convs without bias that get one when an SSF is folded into them (EfficientNet convs feed BN)
 CNN_CREATED_BIASES = ("conv_stem", "conv_dw", "conv_pw", "conv_pwl", "conv_head")
 
@@ -63,6 +65,7 @@ def make_cnn():
 
 ARCHS = {"vit": (make_vit, 32, VIT_KINDS), "cnn": (make_cnn, 64, CNN_KINDS)}
 CASES = [(a, k) for a, (_, _, kinds) in ARCHS.items() for k in kinds]
+CASE_IDS = [f"{a}-{'+'.join(k)}" for a, k in CASES]
 
 
 def _input(arch, n=2):
@@ -80,7 +83,14 @@ def _wrapper_count(model, types=(SSF, LoRA)):
     return sum(isinstance(m, types) for m in model.modules())
 
 
-@pytest.mark.parametrize("arch,kinds", CASES)
+def test_every_kind_is_described_for_the_tests():
+    """helpers' PET tables cover every kind of edgecl.pet.KINDS (a new kind is folded or kept,
+    and the tests above then cover it)."""
+    assert set(PET_FOLDED) | set(PET_KEPT) == set(pet_kinds()) and not set(PET_FOLDED) & set(PET_KEPT)
+    assert set(PET_RANDOM_INIT) | set(PET_VIT_ONLY) <= set(pet_kinds())
+
+
+@pytest.mark.parametrize("arch,kinds", CASES, ids=CASE_IDS)
 def test_identity_at_init_and_exact_fold(arch, kinds):
     bare = ARCHS[arch][0]()
     model = copy.deepcopy(bare)
@@ -90,7 +100,7 @@ def test_identity_at_init_and_exact_fold(arch, kinds):
     with torch.no_grad():
         ref = bare(x)
         out = model(x)
-    if "vpt" not in kinds:  # prompts are random at init; ssf / lora / adapter are the identity
+    if not set(kinds) & set(PET_RANDOM_INIT):  # prompts are random at init; ssf / lora / adapter are the identity
         assert torch.allclose(out, ref, atol=1e-6)
     _randomize_pet(model)
     n_kept = _wrapper_count(model, (Adapter, DeepVPT))
@@ -105,8 +115,8 @@ def test_identity_at_init_and_exact_fold(arch, kinds):
     # with the pretrained lite0 weights at 224 px the float32 fold difference is < 1e-5
     assert (after - before).abs().max() < (1e-5 if arch == "vit" else 5e-5)
     assert _wrapper_count(model) == 0 and _wrapper_count(model, (Adapter, DeepVPT)) == n_kept
-    assert (n_kept > 0) == bool({"adapter", "vpt"} & set(kinds))
-    if set(kinds) <= {"ssf", "lora"}:
+    assert (n_kept > 0) == bool(set(PET_KEPT) & set(kinds))
+    if set(kinds) <= set(PET_FOLDED):
         bare_sd, sd = bare.state_dict(), model.state_dict()
         created = set(sd) - set(bare_sd)
         assert set(bare_sd) <= set(sd)
@@ -120,7 +130,7 @@ def test_identity_at_init_and_exact_fold(arch, kinds):
 
 def test_timm_api_survives_wrappers():
     model = make_vit()
-    inject_pet(model, PETConfig(kinds=["ssf", "lora", "adapter", "vpt"]))
+    inject_pet(model, PETConfig(kinds=pet_kinds()))
     x = _input("vit")
     feats = model.forward_features(x)
     assert feats.shape == (2, 17, 192)  # VPT prompts are stripped again
@@ -129,7 +139,7 @@ def test_timm_api_survives_wrappers():
     model.reset_classifier(7)
     assert model(x).shape == (2, 7)
     cnn = make_cnn()
-    inject_pet(cnn, PETConfig(kinds=["ssf", "lora", "adapter"]))
+    inject_pet(cnn, PETConfig(kinds=cnn_pet_kinds()))
     assert cnn.blocks[1][0].conv_pw.in_channels == 16
     cnn.reset_classifier(5)
     assert cnn(_input("cnn")).shape == (2, 5)
@@ -138,7 +148,7 @@ def test_timm_api_survives_wrappers():
 def test_onnx_export_with_ordinary_ops():
     pytest.importorskip("onnx")
     model = make_vit()
-    inject_pet(model, PETConfig(kinds=["ssf", "lora", "adapter", "vpt"]))
+    inject_pet(model, PETConfig(kinds=pet_kinds()))
     fold_pet(model)
     buf = io.BytesIO()
     torch.onnx.export(model, (_input("vit"),), buf, dynamo=False, input_names=["x"],
@@ -197,7 +207,7 @@ def test_freeze_selects_intended_parameters():
 
 
 def test_pet_state_dict_roundtrip_and_strictness():
-    cfg = PETConfig(kinds=["ssf", "lora", "adapter", "vpt"], tune_norms=True)
+    cfg = PETConfig(kinds=pet_kinds(), tune_norms=True)
     model = make_vit()
     inject_pet(model, cfg)
     _randomize_pet(model)
@@ -226,7 +236,7 @@ def test_pet_state_dict_roundtrip_and_strictness():
 def test_errors():
     with pytest.raises(EdgeclError, match="'vpt' needs a timm VisionTransformer"):
         inject_pet(make_cnn(), PETConfig(kinds=["vpt"]))
-    with pytest.raises(EdgeclError, match=r"pet\.kinds.*valid kinds: ssf, adapter, lora, vpt"):
+    with pytest.raises(EdgeclError, match=r"pet\.kinds.*valid kinds: " + ", ".join(pet_kinds())):
         inject_pet(make_vit(), PETConfig(kinds=["prefix"]))
     with pytest.raises(EdgeclError, match=r"pet\.lora_targets"):
         inject_pet(make_vit(), PETConfig(kinds=["lora"], lora_targets=[r"no_such_layer"]))
@@ -264,8 +274,7 @@ def test_unknown_architecture_by_module_type():
         inject_pet(nn.Sequential(nn.Conv2d(3, 8, 3)), PETConfig(kinds=["lora"]))
 
 
-@pytest.mark.parametrize("arch,kinds", [("vit", ["ssf", "lora", "adapter", "vpt"]),
-                                        ("cnn", ["ssf", "lora", "adapter"])])
+@pytest.mark.parametrize("arch,kinds", [("vit", pet_kinds()), ("cnn", cnn_pet_kinds())], ids=["vit", "cnn"])
 def test_sgd_steps_change_only_pet_parameters(arch, kinds):
     model = ARCHS[arch][0]()
     inject_pet(model, PETConfig(kinds=kinds))

@@ -4,6 +4,7 @@ issue. Slow (SimpleCIL ~2 min, RanPAC ~10 min on 2 CPU cores): run with `pytest 
 import json
 
 import pytest
+from helpers import tiny_imagenet_path
 
 from edgecl.config import resolve_config
 from edgecl.train import evaluate, train
@@ -13,8 +14,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory, request):
-    from conftest import tiny_imagenet_path
-
     data = tiny_imagenet_path()
     if data is None:
         pytest.skip("tiny-imagenet-100 not found")

@@ -5,7 +5,7 @@ entropy-weighted mix of the two heads."""
 import numpy as np
 import pytest
 import torch
-from test_train import blob_images
+from helpers import TINY_VIT, blob_images, cnn_pet_kinds, pet_kinds
 
 from edgecl import pet as petlib
 from edgecl.backbones import create_backbone
@@ -18,7 +18,7 @@ def _images(classes, n=8, seed=0):
     return blob_images(classes, n, seed, num_names=4, key="test")
 
 
-VIT = {"name": "vit_tiny_patch16_224", "weights": "random", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
+VIT = TINY_VIT
 CNN = {"name": "tf_efficientnet_lite0", "weights": "random", "kwargs": {}}
 
 
@@ -34,9 +34,11 @@ def _learner(backbone=VIT, kinds=("ssf",)):
     return learner
 
 
-@pytest.mark.parametrize("backbone,kinds", [(VIT, ["ssf"]), (VIT, ["adapter"]), (VIT, ["vpt"]),
-                                            (CNN, ["ssf"]), (CNN, ["adapter"]), (CNN, ["lora"])],
-                         ids=["vit-ssf", "vit-adapter", "vit-vpt", "lite0-ssf", "lite0-adapter", "lite0-lora"])
+# every PET kind on the ViT, and every kind a CNN takes on EfficientNet-Lite0
+CASES = [("vit", VIT, k) for k in pet_kinds()] + [("lite0", CNN, k) for k in cnn_pet_kinds()]
+
+
+@pytest.mark.parametrize("backbone,kinds", [(bb, [k]) for _, bb, k in CASES], ids=[f"{a}-{k}" for a, _, k in CASES])
 def test_slow_frozen_fast_learns_and_heads_are_separate(backbone, kinds):
     learner = _learner(backbone, kinds)
     learner.learn(0, _images([0, 1], seed=1), [0, 1])

@@ -8,12 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from test_train import TINY, blob_images, make_imagefolder
+from helpers import SLCA_FAMILY, TINY, TINY_VIT, blob_images, invoke
 
 from edgecl import pet as petlib
 from edgecl.backbones import create_backbone
-from edgecl.cli import cli
 from edgecl.config import resolve_config
 from edgecl.core.classstats import ClassStats
 from edgecl.core.errors import EdgeclError
@@ -64,8 +62,7 @@ def _images(classes, n=8, seed=0):
 
 def _learner(method, **slca):
     cfg = resolve_config(method, overrides={
-        "backbone": {"name": "vit_tiny_patch16_224", "weights": "random",
-                     "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}},
+        "backbone": TINY_VIT,
         "data": {"input_size": 32}, "train": {"epochs": 1, "batch_size": 8, "device": "cpu"},
         "slca": {"ca_samples_per_class": 32, **slca}})
     torch.manual_seed(0)
@@ -187,17 +184,11 @@ def test_slca_config_is_checked():
 
 # ----------------------------------------------------------------------------- end to end
 
-@pytest.fixture
-def folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGECL_CACHE", str(tmp_path / "cache"))
-    return make_imagefolder(tmp_path / "data")
-
-
-@pytest.mark.parametrize("method", ["seqft", "slca", "slcapp"])
+@pytest.mark.parametrize("method", SLCA_FAMILY)
 def test_train_bundle_eval_and_reproducibility(folder, tmp_path, method):
     out = tmp_path / f"bundle-{method}"
     args = ["train", "--data", str(folder), "--method", method, *TINY, "--set", "slca.ca_samples_per_class=16"]
-    res = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    res = invoke([*args, "--out", str(out)])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["accuracy"]) == 2 and len(metrics["accuracy_matrix"][1]) == 2
@@ -205,10 +196,10 @@ def test_train_bundle_eval_and_reproducibility(folder, tmp_path, method):
     assert manifest["method"] == method and manifest["learner"]["head"] == "linear"
     weights = "pet.safetensors" if method == "slcapp" else "finetuned.safetensors"
     assert set(manifest["files"]) >= {"heads.safetensors", "stats.safetensors", weights}
-    res = CliRunner().invoke(cli, ["eval", str(out), "--data", str(folder), "--json"])
+    res = invoke(["eval", str(out), "--data", str(folder), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["accuracy"] == pytest.approx(metrics["A_last"], abs=1e-6)
     again = tmp_path / f"again-{method}"
-    assert CliRunner().invoke(cli, [*args, "--out", str(again)]).exit_code == 0
+    assert invoke([*args, "--out", str(again)]).exit_code == 0
     assert json.loads((again / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
     assert (again / "heads.safetensors").read_bytes() == (out / "heads.safetensors").read_bytes()

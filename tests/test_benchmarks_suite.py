@@ -1,0 +1,73 @@
+"""The benchmark suites and the experiments run as packages from the repository root
+(docs/BENCHMARKS.md, experiments/README.md): ``python -m benchmarks --help`` lists every suite
+module of the package, and every suite's and experiment's ``--help`` exits 0. Fast: ``--help``
+imports no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HELPERS = {"common"}  # modules of benchmarks/ that are not suites
+
+
+def modules(package: str) -> list:
+    return sorted(p.stem for p in (REPO / package).glob("*.py") if not p.stem.startswith("_") and p.stem not in HELPERS)
+
+
+SUITES = modules("benchmarks")
+EXPERIMENTS = modules("experiments")
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_the_packages_hold_the_suites_and_experiments():
+    assert {"quick_protocol", "safe_ablation", "slca_ordering", "export", "enroll"} <= set(SUITES)
+    assert {"safe_select", "safe_drift", "cov_forms"} <= set(EXPERIMENTS)
+    assert not set(SUITES) & set(EXPERIMENTS)
+
+
+def test_help_lists_every_suite_with_a_line_each():
+    r = run_module("benchmarks", "--help")
+    assert r.returncode == 0, r.stderr
+    listing = r.stdout.split("suites:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    listed = {line.split()[0]: line.split(None, 1)[1:] for line in listing}
+    assert sorted(listed) == SUITES  # every module is registered in benchmarks/__main__.py, and only those
+    assert all(summary for summary in listed.values())  # each with its one line
+
+
+def test_unknown_or_missing_suite_is_a_usage_error():
+    assert run_module("benchmarks", "no_such_suite").returncode == 2
+    assert run_module("benchmarks").returncode == 2
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_suite_help(suite):
+    r = run_module("benchmarks", suite, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: python -m benchmarks {suite}")
+    assert "--out" in r.stdout  # every suite writes its table and results.json to --out
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_help(name):
+    r = run_module(f"experiments.{name}", "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: python -m experiments.{name}")
+
+
+def test_experiments_readme_lists_every_experiment():
+    text = (REPO / "experiments" / "README.md").read_text()
+    assert [name for name in EXPERIMENTS if f"python -m experiments.{name}" not in text] == []
+
+
+def test_no_script_edits_sys_path():
+    offenders = [str(p.relative_to(REPO)) for package in ("benchmarks", "experiments")
+                 for p in (REPO / package).glob("*.py") if "sys.path.insert" in p.read_text()]
+    assert offenders == []
