@@ -29,6 +29,18 @@ class UserError(click.ClickException):
         click.echo(f"edgecl: error: {self.message}", err=True)
 
 
+class RegistryOption(click.Option):
+    """An option whose help lists a registry's names as they are when the help is shown."""
+
+    def __init__(self, *args, registry: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.registry, self.base_help = registry, self.help
+
+    def get_help_record(self, ctx):
+        self.help = f"{self.base_help}: {', '.join(self.registry)}."
+        return super().get_help_record(ctx)
+
+
 class Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -57,7 +69,7 @@ def cli():
                                     "--dataset cifar100|imagenet-r).")
 @click.option("--val-data", help="A separate ImageFolder to evaluate on (then --data is the training folder).")
 @click.option("--dataset", type=str, help="imagefolder (default), cifar100 or imagenet-r.")
-@click.option("--method", required=True, help=f"The learner: {', '.join(LEARNERS)}.")
+@click.option("--method", required=True, cls=RegistryOption, registry=LEARNERS, help="The learner")
 @click.option("--profile", help="quick (CPU, minutes) or full (GPU, the papers' settings).")
 @click.option("--backbone", help="A timm model name (default tf_efficientnet_lite0, weights embedded).")
 @click.option("--weights", help="Backbone weights: a state-dict file, 'random', or 'default' (embedded).")

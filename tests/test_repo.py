@@ -36,3 +36,20 @@ def test_every_cited_document_exists():
                 missing.append(f"{f.relative_to(REPO)} cites {name}")
     assert not missing, missing
     assert (REPO / "docs" / "DESIGN.md").is_file()
+
+
+def test_head_kinds_are_compared_only_inside_the_head_registry():
+    """A head kind is declared once (edgecl.device.heads); no other code branches on its name."""
+    from edgecl.device.heads import HEADS
+
+    names = "|".join(sorted(HEADS))
+    compare = re.compile(rf"""(==|!=|\bin\s*[(\[{{])\s*[^#\n]*["']({names})["']|["']({names})["']\s*(==|!=|in\b)""")
+    found = []
+    for f in repo_text_files():
+        parts = f.relative_to(REPO).parts
+        if f.suffix != ".py" or parts[0] == "tests" or parts[:2] == ("device", "heads"):
+            continue  # the tests may assert on kinds; the registry is where they are declared
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if compare.search(line):
+                found.append(f"{f.relative_to(REPO)}:{i}: {line.strip()}")
+    assert not found, found
