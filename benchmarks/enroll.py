@@ -49,11 +49,10 @@ def list_images(folder: Path) -> list:
 
 
 def load_frames(files: list, size: int) -> np.ndarray:
-    import cv2
+    """The files as ``edgecl enroll --images`` reads them (the one decode path, at the model's size)."""
+    from edgecl.device.sources import read_file_frame
 
-    from edgecl.device.runtime import fit_frame
-
-    return np.stack([fit_frame(cv2.imread(str(f), cv2.IMREAD_COLOR), size) for f in files])
+    return np.stack([read_file_frame(f, size) for f in files])
 
 
 def features(rt, frames: np.ndarray) -> np.ndarray:

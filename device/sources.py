@@ -25,6 +25,8 @@ from typing import Callable
 import numpy as np
 
 from edgecl.core.errors import EdgeclError
+from edgecl.core.labels import shown
+from edgecl.data.decode import decode_image
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 VIDEO_EXT = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".h264", ".264"}
@@ -56,11 +58,22 @@ def parse_source(spec: str) -> tuple:
     if p.is_dir():
         return "folder", p
     if p.is_file():
+        if p.suffix.lower() not in IMAGE_EXT and not _utf8(spec):
+            raise EdgeclError(f"--source {shown(spec)}: OpenCV cannot open a video whose path is not valid UTF-8; "
+                              f"rename it")
         return "file", p
     if not p.exists():
-        raise EdgeclError(f"--source {spec}: no such file, folder or camera (use /dev/videoN, an index, csi://N, "
-                          f"rtsp://..., a video file or an image folder)")
-    raise EdgeclError(f"--source {spec} is not a file or folder")
+        raise EdgeclError(f"--source {shown(spec)}: no such file, folder or camera (use /dev/videoN, an index, "
+                          f"csi://N, rtsp://..., a video file or an image folder)")
+    raise EdgeclError(f"--source {shown(spec)} is not a file or folder")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _cv2_capture(kind: str, arg):
@@ -101,26 +114,36 @@ class Source:
         self.close()
 
 
+def read_file_frame(path, size: int | None = None) -> np.ndarray:
+    """An image file as a BGR frame through the one decode path (:mod:`edgecl.data.decode`: the
+    trainer's pixels; at the model's ``size`` when given, as the trainer decodes its images)."""
+    return np.ascontiguousarray(decode_image(path, size)[:, :, ::-1])
+
+
 class FolderSource(Source):
-    def __init__(self, folder: Path, log: Callable = print):
-        self.spec, self.log = str(folder), log
+    """The images of a folder, sorted by name; a file that does not decode is skipped with a line
+    naming it."""
+
+    def __init__(self, folder: Path, size: int | None = None, log: Callable = print):
+        self.spec, self.size, self.log = str(folder), size, log
         self.files = sorted(f for f in Path(folder).iterdir()
-                            if f.suffix.lower() in IMAGE_EXT and not f.name.startswith("."))
+                            if f.suffix.lower() in IMAGE_EXT and not f.name.startswith(".") and f.is_file())
         if not self.files:
-            raise EdgeclError(f"--source {folder}: the folder has no images ({', '.join(sorted(IMAGE_EXT))})")
+            raise EdgeclError(f"--source {shown(folder)}: the folder has no images "
+                              f"({', '.join(sorted(IMAGE_EXT))})")
         self.pos = 0
 
     def read(self) -> np.ndarray | None:
-        import cv2
-
         while self.pos < len(self.files):
             f = self.files[self.pos]
             self.pos += 1
-            img = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            if img is not None:
-                self.frames_read += 1
-                return img
-            self.log(f"skipping {f}: not a readable image")
+            try:
+                frame = read_file_frame(f, self.size)
+            except EdgeclError as exc:
+                self.log(f"skipping {shown(f)}: {exc}")
+                continue
+            self.frames_read += 1
+            return frame
         return None
 
 
@@ -206,23 +229,22 @@ class CaptureSource(Source):
             self.cap.release()
 
 
-def open_source(spec: str, opener: Callable | None = None, reconnect: int = 10, log: Callable = print) -> Source:
-    """A :class:`Source` for a jetson-inference style ``--source`` string (module docstring)."""
+def open_source(spec: str, opener: Callable | None = None, reconnect: int = 10, size: int | None = None,
+                log: Callable = print) -> Source:
+    """A :class:`Source` for a jetson-inference style ``--source`` string (module docstring).
+    Image files (a folder, one image) are decoded by the trainer's decode path, at ``size`` when
+    given (the model's input size: then they give the trainer's pixels exactly)."""
     kind, arg = parse_source(spec)
     if kind == "folder":
-        return FolderSource(arg, log)
+        return FolderSource(arg, size, log)
     if kind == "file" and Path(arg).suffix.lower() in IMAGE_EXT:
-        return _single_image(arg)
+        return _single_image(arg, size)
     live = kind in ("camera", "csi", "stream")
     return CaptureSource(str(spec), opener or (lambda: _cv2_capture(kind, arg)), live, reconnect, log=log)
 
 
-def _single_image(path: Path) -> Source:
-    import cv2
-
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise EdgeclError(f"--source {path}: cannot decode the image; replace it")
+def _single_image(path: Path, size: int | None = None) -> Source:
+    img = read_file_frame(path, size)
 
     class One(Source):
         spec, done = str(path), False

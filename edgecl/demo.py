@@ -81,14 +81,12 @@ def run_demo(out: str, method: str = "ranpac", progress: bool = True, log: Calla
 
 def _val_frames(data: Path, folders: list, size: int, per_class: int) -> tuple:
     """(BGR frames, folder index) of the first ``per_class`` val images of each folder."""
-    import cv2
-
-    from .device.runtime import fit_frame
+    from .device.sources import read_file_frame
 
     frames, labels = [], []
     for i, name in enumerate(folders):
         files = sorted((data / "val" / name).glob("*.png"))[:per_class]
-        frames += [fit_frame(cv2.imread(str(f)), size) for f in files]
+        frames += [read_file_frame(f, size) for f in files]
         labels += [i] * len(files)
     return np.stack(frames), np.asarray(labels)
 
@@ -99,7 +97,7 @@ def run_device_demo(engine_dir: Path, data: Path, out_dir: Path, shots: int = 20
 
     from .device.loop import run_loop
     from .device.runtime import Runtime
-    from .device.sources import open_source
+    from .device.sources import open_source, read_file_frame
 
     store = out_dir / "device-store"
     if store.exists():
@@ -134,7 +132,7 @@ def run_device_demo(engine_dir: Path, data: Path, out_dir: Path, shots: int = 20
     for name in unseen:
         folder = name
         train = sorted((data / "train" / folder).glob("*.png"))[:shots]
-        shots_frames = np.stack([rt.fit(cv2.imread(str(f))) for f in train])
+        shots_frames = np.stack([read_file_frame(f, rt.size) for f in train])
         new_val, _ = _val_frames(data, [folder], rt.size, 1000)
         before = accuracy_on(frames, truth)
         info = rt.enroll_frames(name, shots_frames)

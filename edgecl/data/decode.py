@@ -1,8 +1,13 @@
 """Decoding images: the one decode path of the trainer, the exporter's calibration data and
-the device's evaluation.
+the device (``edgecl eval``, and every image file ``edgecl run`` and ``edgecl enroll`` read).
 
-One image is decoded with PIL: RGB, shorter side resized to ``size`` with bicubic, centre crop
-``size`` x ``size``, uint8. A file list is decoded into the rows of a memory-mapped output
+The same file gives the same pixels everywhere, and a broken file the same refusal:
+:func:`read_image` decodes with PIL to uint8 RGB, applying the EXIF orientation, scaling 16-bit
+images to 8 bits (the high byte, as OpenCV does), and refusing a truncated or unreadable file
+and one smaller than 2 x 2 pixels with an :class:`~edgecl.core.errors.EdgeclError` naming the
+file. :func:`decode_image` then resizes: shorter side to ``size`` with bicubic, centre crop
+``size`` x ``size``. Paths are opened by Python (a file name that is not valid UTF-8 works and
+is shown with ``\\xNN`` escapes). A file list is decoded into the rows of a memory-mapped output
 array (the decode cache's temporary file, :mod:`.cache`) by a process pool, or in-process for
 one worker. Standard library, numpy and Pillow only (no torch).
 """
@@ -13,19 +18,60 @@ import math
 import multiprocessing
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from ..core.errors import EdgeclError, one_line
+from ..core.labels import shown
+
+MIN_SIDE = 2  # pixels: anything smaller is not an image (the device's frames follow the same rule)
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def decode_image(path: str, size: int) -> np.ndarray:
-    """One image as uint8 ``[size, size, 3]`` RGB: shorter side to ``size`` (bicubic), centre crop."""
+def _to_rgb(img):
+    """PIL image -> RGB; 16-bit (and 32-bit integer) grey to 8 bits by the high byte."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        img.draft("RGB", (2 * size, 2 * size))  # JPEG: decode large images at a reduced scale
-        img = img.convert("RGB")
+    if img.mode in _SIXTEEN_BIT:
+        a = np.asarray(img).astype(np.int64)
+        img = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def read_image(path, draft: Optional[int] = None):
+    """The file at ``path`` as an RGB PIL image, EXIF orientation applied; ``draft``: a JPEG may be
+    decoded at a reduced scale that keeps both sides >= ``draft`` (speed only). Refuses a broken
+    file with one line naming it."""
+    from PIL import Image, ImageFile, ImageOps
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is refused, never padded with grey
+    try:
+        with Image.open(path) as img:
+            if draft:
+                img.draft("RGB", (draft, draft))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+    except EdgeclError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL's errors, reported with the file name
+        raise decode_error(path, one_line(exc)) from None
+    if min(rgb.size) < MIN_SIDE:
+        raise decode_error(path, f"{rgb.size[0]}x{rgb.size[1]} pixels is too small to be an image")
+    return rgb
+
+
+def decode_image(path, size: Optional[int] = None) -> np.ndarray:
+    """One image as uint8 RGB: ``[size, size, 3]`` (shorter side to ``size``, bicubic, centre crop),
+    or at its own size when ``size`` is None."""
+    from PIL import Image
+
+    img = read_image(path, draft=2 * size if size else None)
+    if size is None:
+        return np.asarray(img, dtype=np.uint8)
     w, h = img.size
     if w <= h:
         nw, nh = size, max(size, int(size * h / w))
@@ -45,22 +91,33 @@ def _worker_init(npy_path: str, size: int) -> None:
     _WORKER["size"] = size
 
 
+def _decode_one(path, size: int) -> np.ndarray:
+    """:func:`decode_image`, any failure as the one-line error naming the file."""
+    try:
+        return decode_image(path, size)
+    except EdgeclError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported to the user with the file name
+        raise decode_error(path, one_line(exc)) from None
+
+
 def _decode_chunk(task: tuple) -> tuple:
     """Worker: decode ``paths`` into rows ``start...`` of the shared output file.
-    Returns ``(count, None)`` or ``(count, (path, reason))`` at the first failure."""
+    Returns ``(count, None)`` or ``(count, message)`` at the first failure."""
     start, paths = task
     out, size = _WORKER["out"], _WORKER["size"]
     for i, path in enumerate(paths):
         try:
-            out[start + i] = decode_image(path, size)
-        except Exception as exc:  # noqa: BLE001 - reported to the user with the file name
-            return i, (path, one_line(exc))
+            out[start + i] = _decode_one(path, size)
+        except EdgeclError as exc:
+            return i, str(exc)
     return len(paths), None
 
 
-def _decode_error(path: str, reason: str) -> EdgeclError:
+def decode_error(path, reason: str) -> EdgeclError:
+    path = str(path)
     reason = reason.replace(f" {path!r}", "").replace(f" {path}", "")  # PIL repeats the path
-    return EdgeclError(f"cannot decode image {path}: {reason}; delete or replace it")
+    return EdgeclError(f"cannot decode image {shown(path)}: {shown(reason)}; delete or replace it")
 
 
 def decode_files(paths: list, npy_path: Path, out: np.ndarray, size: int, workers: int, progress: bool,
@@ -78,10 +135,7 @@ def decode_files(paths: list, npy_path: Path, out: np.ndarray, size: int, worker
     try:
         if workers <= 1:
             for i, path in enumerate(paths):
-                try:
-                    out[i] = decode_image(path, size)
-                except Exception as exc:  # noqa: BLE001
-                    raise _decode_error(path, one_line(exc)) from None
+                out[i] = _decode_one(path, size)
                 bar.update(1)
             return
         out.flush()
@@ -95,7 +149,7 @@ def decode_files(paths: list, npy_path: Path, out: np.ndarray, size: int, worker
         with pool:
             for count, err in pool.imap_unordered(_decode_chunk, tasks):
                 if err is not None:
-                    raise _decode_error(*err)
+                    raise EdgeclError(err)
                 bar.update(count)
     finally:
         bar.close()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from ..core.errors import EdgeclError, one_line
+from ..core.labels import check_label, shown
 from .cache import FORMAT_VERSION, cache_build, cache_lookup, images_dir
 from .decode import decode_files
 from .imageset import ImageSet
@@ -52,7 +53,9 @@ def list_classes(root: Path, what: str) -> list:
     try:
         names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     except OSError as exc:
-        raise EdgeclError(f"cannot read data path {root}: {one_line(exc)} ({what})") from None
+        raise EdgeclError(f"cannot read data path {shown(root)}: {one_line(exc)} ({what})") from None
+    for name in names:  # class names are labels: printable text (edgecl.core.labels)
+        check_label(name, f"class folder {shown(Path(root) / name)} ({what})")
     if not names:
         raise EdgeclError(
             f"data path {root} has no class sub-folders ({what}); expected an ImageFolder tree {root}/<class>/<images>"
@@ -91,8 +94,10 @@ def load_files(root: Path, class_names: list, files: list, *, size: int, cache_d
             try:
                 st = os.stat(f"{root}/{rel}")
             except OSError as exc:
-                raise EdgeclError(f"cannot read image {root}/{rel}: {one_line(exc)}; delete or replace it") from None
-            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                raise EdgeclError(f"cannot read image {shown(root / rel)}: {one_line(exc)}; delete or replace "
+                                  f"it") from None
+            # file-system bytes: a name that is not valid UTF-8 hashes as it is (UTF-8 names as before)
+            digest.update(os.fsencode(rel) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             rel_paths.append(rel)
         labels += [label] * len(names)
     key = digest.hexdigest()[:32]
