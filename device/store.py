@@ -7,34 +7,46 @@ written) of generations::
     gen-00000007.json          commit record: generation, sha256 and size of the .safetensors,
                                the engine's identity; written last, so it is the commit point
     .lock                      one writer at a time (flock)
+    corrupt-<UTC time>/        generations found unreadable, set aside (never deleted)
 
 Generation 0 is the engine directory itself (its ``stats.safetensors`` and heads). A commit
 writes the new state to a temporary file, fsyncs it, renames it into place, does the same for
 its JSON record, and fsyncs the directory (:func:`edgecl.core.durable.write_bytes_durable`); the last
 ``keep`` generations stay. Loading takes the newest generation whose record parses and whose
-file matches the record's sha256, so a torn or corrupt file falls back to the previous one.
+file matches the record's sha256, so a torn or corrupt file falls back to the previous one; the
+generations it could not read are moved to a fresh ``corrupt-<UTC time>/`` folder of the store
+(one log line names it), and a commit's pruning sets aside, never deletes, a generation it
+cannot read. Generation numbers keep rising past the set-aside ones.
 
 State: the class list in logit order (engine classes by their index in ``classes.json``,
 possibly renamed or removed; enrolled classes by a uid), the enrolled rows (per learner the
-rows its head took in: h = ReLU(W_rand^T f) for RanPAC, float32, with the uid of their class)
-from which the enrolled part of the statistics is exact (G = G_engine + sum_rows w h h^T, Q
-likewise), the weighting policy, and per learner the solved W so that start-up needs no
-O(M^3) solve. Rows keep the store small (a class of 20 rows at M = 4096 is 330 KB, where a
-dense G is M^2 x 8 = 128 MB) and make removing an enrolled class exact; G and Q stay additive,
-so stores from several devices merge exactly (:func:`merge_states`).
+rows its head took in: h = ReLU(W_rand^T f) for RanPAC, float32, with the uid of their class
+and the index of their contribution) from which the enrolled part of the statistics is exact
+(G = G_engine + sum_rows w h h^T, Q likewise), the weighting policy, and per learner the solved
+W so that start-up needs no O(M^3) solve. Rows keep the store small (a class of 20 rows at
+M = 4096 is 330 KB, where a dense G is M^2 x 8 = 128 MB) and make removing an enrolled class
+exact; G and Q stay additive, so stores from several devices merge exactly (:func:`merge_states`).
+
+Contributions: the rows one enrollment added carry a stable 128-bit id
+(:class:`~edgecl.core.formats.Contribution`: random when enrolled; for a store written before
+ids, derived from sha256 of the class name and the rows' bytes when it is read), so a merge
+takes the union of contributions by id and is idempotent and order-free. Removing an enrolled
+class keeps its contributions' ids as tombstones (``removed_contributions``), which a merge
+applies to every store.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -45,11 +57,30 @@ from edgecl.core.durable import (
     sha256_file,
     write_bytes_durable,
 )
-from edgecl.core.errors import EdgeclError
-from edgecl.core.formats import ClassEntry, EngineIdentity, StoreMeta, StoreRecord
+from edgecl.core.errors import EdgeclError, one_line
+from edgecl.core.formats import ClassEntry, Contribution, EngineIdentity, StoreMeta, StoreRecord
 
 KEEP = 2
 _GEN = re.compile(r"^gen-(\d{8})\.json$")
+_GEN_FILE = re.compile(r"^gen-(\d{8})\.")
+SET_ASIDE = "corrupt-"  # prefix of the folders that hold unreadable generations
+
+
+def new_contribution_id() -> str:
+    """A fresh contribution id: 128 random bits as 32 hex digits."""
+    return os.urandom(16).hex()
+
+
+def derived_contribution_id(name: str, rows: dict) -> str:
+    """The id of a contribution written before ids: sha256 of the class name and the rows' bytes
+    (per learner, in name order, float32 little-endian), 32 hex digits; the same rows under the
+    same name give the same id in every store."""
+    h = hashlib.sha256(b"edgecl-store contribution\0" + name.encode() + b"\0")
+    for ln in sorted(rows):
+        r = np.ascontiguousarray(rows[ln], dtype="<f4")
+        h.update(f"{ln}\0{r.shape}\0".encode())
+        h.update(r.tobytes())
+    return h.hexdigest()[:32]
 
 
 def committed_generations(path) -> list:
@@ -64,8 +95,11 @@ def committed_generations(path) -> list:
 class StoreState:
     """One generation. ``classes``: :class:`~edgecl.core.formats.ClassEntry` (name, ``base``: index
     in classes.json, or ``uid``: enrolled id) in logit order; ``removed_base``: engine classes taken
-    out; ``rows``: {learner: float32 [R, width]} (head inputs), ``row_uid`` int64 [R]; ``W``:
-    {learner: a head's persisted solution (RanPAC: [M, C])}."""
+    out; ``rows``: {learner: float32 [R, width]} (head inputs), ``row_uid`` int64 [R] (the class of
+    each row), ``row_contrib`` int64 [R] (each row's index in ``contributions``, the
+    :class:`~edgecl.core.formats.Contribution` records of the enrollments that added them);
+    ``removed_contributions``: ids of contributions whose class was removed; ``W``: {learner: a
+    head's persisted solution (RanPAC: [M, C])}."""
 
     engine: EngineIdentity
     classes: list
@@ -77,6 +111,9 @@ class StoreState:
     generation: int = 0
     next_uid: int = 0
     history: list = field(default_factory=list)
+    contributions: list = field(default_factory=list)
+    row_contrib: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    removed_contributions: list = field(default_factory=list)
 
     @classmethod
     def initial(cls, engine: EngineIdentity, names: list, policy: dict, widths: dict) -> "StoreState":
@@ -107,12 +144,95 @@ class StoreState:
         uids, n = np.unique(self.row_uid, return_counts=True)
         return {int(u): int(c) for u, c in zip(uids, n)}
 
+    def contribution_rows(self) -> list:
+        """Per contribution (in ``contributions`` order), the indices of its rows."""
+        order = np.argsort(self.row_contrib, kind="stable")
+        bounds = np.searchsorted(self.row_contrib[order], np.arange(len(self.contributions) + 1))
+        return [order[bounds[i]:bounds[i + 1]] for i in range(len(self.contributions))]
+
+    # ----------------------------------------------------------------- contributions
+    def add_contribution(self, uid: int, rows: dict, when: Optional[float] = None,
+                         cid: Optional[str] = None) -> Contribution:
+        """Append ``rows`` ({learner: [k, width]}) to enrolled class ``uid`` as one contribution
+        (a fresh random id unless ``cid``; enrolled now unless ``when``)."""
+        k = len(rows[next(iter(self.rows))])
+        c = Contribution(id=cid or new_contribution_id(), uid=int(uid), rows=int(k),
+                         time=time.time() if when is None else when)
+        for ln in self.rows:
+            self.rows[ln] = np.concatenate([self.rows[ln], np.asarray(rows[ln], np.float32)])
+        self.row_uid = np.concatenate([self.row_uid, np.full(k, uid, np.int64)])
+        self.row_contrib = np.concatenate([self.row_contrib, np.full(k, len(self.contributions), np.int64)])
+        self.contributions.append(c)
+        return c
+
+    def drop_class_rows(self, uid: int) -> list:
+        """Remove enrolled class ``uid``'s rows and contributions; their ids become tombstones
+        (``removed_contributions``: a merge drops them from every store). Returns the ids."""
+        gone = [c.id for c in self.contributions if c.uid == uid]
+        kept = [i for i, c in enumerate(self.contributions) if c.uid != uid]
+        remap = np.full(len(self.contributions), -1, np.int64)
+        remap[kept] = np.arange(len(kept))
+        keep = self.row_uid != uid
+        self.rows = {ln: r[keep] for ln, r in self.rows.items()}
+        self.row_uid = self.row_uid[keep]
+        self.row_contrib = remap[self.row_contrib[keep]]
+        self.contributions = [self.contributions[i] for i in kept]
+        known = set(self.removed_contributions)
+        self.removed_contributions += [i for i in gone if i not in known]
+        return gone
+
+    def check_contributions(self, source: str) -> None:
+        """Refuse a state whose rows and contribution table disagree (one line naming ``source``)."""
+        n, ids = len(self.row_uid), [c.id for c in self.contributions]
+        why = None
+        if any(len(r) != n for r in self.rows.values()) or len(self.row_contrib) != n:
+            why = "rows, row_uid and row_contrib differ in length"
+        elif len(set(ids)) != len(ids) or not all(ids):
+            why = "contribution ids are empty or repeated"
+        elif n and (self.row_contrib.min() < 0 or self.row_contrib.max() >= len(ids)):
+            why = "row_contrib points past the contributions"
+        else:
+            counts = np.bincount(self.row_contrib, minlength=len(ids)) if n else np.zeros(len(ids), np.int64)
+            uids = np.array([c.uid for c in self.contributions], np.int64)
+            if any(int(k) != c.rows for k, c in zip(counts, self.contributions)):
+                why = "a contribution's row count does not match its rows"
+            elif n and not np.array_equal(uids[self.row_contrib], self.row_uid):
+                why = "a row's class differs from its contribution's"
+        if why:
+            raise EdgeclError(f"{source}: the enrolled rows do not match their contributions ({why})")
+
+    def derive_contributions(self) -> None:
+        """A state written before contribution ids: each enrolled class's rows become one
+        contribution with the id :func:`derived_contribution_id` (deterministic, so merging such
+        stores is idempotent too) and the time of the class's first enrollment in the history
+        (None when the history does not say)."""
+        first: dict = {}
+        for h in self.history:
+            if isinstance(h, dict) and h.get("op") == "enroll" and isinstance(h.get("time"), (int, float)):
+                first[h.get("name")] = min(first.get(h.get("name"), math.inf), float(h["time"]))
+        names = {c.uid: c.name for c in self.classes if c.uid is not None}
+        uids = [c.uid for c in self.classes if c.uid is not None]
+        uids += sorted(int(u) for u in np.unique(self.row_uid) if int(u) not in names)  # rows of no class
+        self.contributions, self.row_contrib = [], np.zeros(len(self.row_uid), np.int64)
+        for uid in uids:
+            sel = self.rows_of(uid)
+            if not len(sel):
+                continue
+            name = names.get(uid, "")
+            cid = derived_contribution_id(name, {ln: r[sel] for ln, r in self.rows.items()})
+            self.row_contrib[sel] = len(self.contributions)
+            self.contributions.append(Contribution(id=cid, uid=int(uid), rows=len(sel), time=first.get(name)))
+
+    # ----------------------------------------------------------------- bytes
     def to_bytes(self) -> bytes:
         from safetensors.numpy import save
 
         meta = StoreMeta(generation=self.generation, engine=self.engine, classes=self.classes, policy=self.policy,
-                         removed_base=self.removed_base, next_uid=self.next_uid, history=self.history[-50:]).to_json()
-        tensors = {"row_uid": np.ascontiguousarray(self.row_uid, dtype=np.int64)}
+                         removed_base=self.removed_base, next_uid=self.next_uid, history=self.history[-50:],
+                         contributions=self.contributions,
+                         removed_contributions=self.removed_contributions).to_json()
+        tensors = {"row_uid": np.ascontiguousarray(self.row_uid, dtype=np.int64),
+                   "row_contrib": np.ascontiguousarray(self.row_contrib, dtype=np.int64)}
         for ln, r in self.rows.items():
             tensors[f"{ln}.rows"] = np.ascontiguousarray(r, dtype=np.float32)
         for ln, w in self.W.items():
@@ -121,6 +241,8 @@ class StoreState:
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "store state") -> StoreState:
+        """A state from a generation's bytes; a state written before contribution ids gets them
+        derived (:meth:`derive_contributions`)."""
         from safetensors.numpy import load
 
         (n,) = struct.unpack("<Q", data[:8])
@@ -128,9 +250,16 @@ class StoreState:
         t = load(data)
         rows = {k[:-len(".rows")]: v for k, v in t.items() if k.endswith(".rows")}
         W = {k[:-len(".W")]: v for k, v in t.items() if k.endswith(".W")}
-        return cls(engine=meta.engine, classes=meta.classes, policy=meta.policy, removed_base=meta.removed_base,
-                   rows=rows, row_uid=t["row_uid"], W=W, generation=meta.generation, next_uid=meta.next_uid,
-                   history=meta.history)
+        state = cls(engine=meta.engine, classes=meta.classes, policy=meta.policy, removed_base=meta.removed_base,
+                    rows=rows, row_uid=t["row_uid"], W=W, generation=meta.generation, next_uid=meta.next_uid,
+                    history=meta.history, contributions=meta.contributions,
+                    removed_contributions=meta.removed_contributions)
+        if "row_contrib" in t:
+            state.row_contrib = t["row_contrib"].astype(np.int64)
+        elif not meta.contributions:
+            state.derive_contributions()
+        state.check_contributions(source)
+        return state
 
 
 class ClassStore:
@@ -139,7 +268,8 @@ class ClassStore:
 
     def __init__(self, path, engine: EngineIdentity, log: Callable = print):
         self.path, self.engine, self.log = Path(path), engine, log
-        self.seen_generation = 0  # the newest committed generation when last loaded/committed
+        self.seen_generation = 0  # the store's highest generation number when last loaded/committed
+        self.unreadable: set = set()  # generations load() found unreadable (never deleted)
 
     def generations(self) -> list:
         return committed_generations(self.path)
@@ -172,13 +302,18 @@ class ClassStore:
             return
         self._refuse_other_engine(record.engine)
 
-    def _read(self, gen: int) -> StoreState:
+    def _read(self, gen: int, check_engine: bool = True, parse: bool = True) -> StoreState | None:
+        """Generation ``gen``'s state (``parse=False``: only check its record and its data's sha256,
+        return None); a damaged generation raises ValueError or OSError."""
         data_file = self._files(gen)[0]
         record = self._record(gen)
-        self._refuse_other_engine(record.engine)
+        if check_engine:
+            self._refuse_other_engine(record.engine)
         data = data_file.read_bytes()
         if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
             raise ValueError(f"{data_file.name} does not match its record (torn or corrupt)")
+        if not parse:
+            return None
         try:
             state = StoreState.from_bytes(data, str(data_file))
         except EdgeclError as exc:
@@ -186,32 +321,105 @@ class ClassStore:
         state.generation = gen
         return state
 
+    def _unreadable(self, gen: int, parse: bool = True) -> Optional[str]:
+        """Why generation ``gen`` cannot be read (its record, its data against the record's sha256,
+        and unless ``parse`` is False its state), or None when it can."""
+        try:
+            self._read(gen, check_engine=False, parse=parse)
+        except Exception as exc:  # noqa: BLE001 - any failure to read makes it unreadable
+            return one_line(exc)
+        return None
+
+    def set_aside_generations(self) -> list:
+        """Numbers of the generations moved to ``corrupt-*/`` folders of the store."""
+        if not self.path.is_dir():
+            return []
+        return [int(m.group(1)) for d in self.path.glob(f"{SET_ASIDE}*") if d.is_dir()
+                for f in d.iterdir() if (m := _GEN_FILE.match(f.name))]
+
+    def _high_water(self) -> int:
+        """The highest generation number the store has used (committed or set aside): the next
+        commit takes the number after it, so a number is never reused."""
+        return max([0, *self.generations()[:1], *self.set_aside_generations()])
+
+    def _set_aside(self, gens: list) -> Optional[Path]:
+        """Move the files of generations ``gens`` that are still there and still unreadable to a
+        fresh ``corrupt-<UTC time>/`` folder of the store (the caller holds the lock); one log line
+        names it. Nothing is deleted; a failure to move is logged and leaves the files in place."""
+        todo = [g for g in gens if any(f.exists() for f in self._files(g)) and self._unreadable(g) is not None]
+        if not todo:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        try:
+            for k in range(1, 1000):
+                folder = self.path / (f"{SET_ASIDE}{stamp}" if k == 1 else f"{SET_ASIDE}{stamp}-{k}")
+                try:
+                    folder.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise FileExistsError(f"{folder} and 998 others like it exist")
+            for g in todo:
+                for f in self._files(g):  # the data first: a record left behind is still seen as unreadable
+                    if f.exists():
+                        os.replace(f, folder / f.name)
+            fsync_path(folder)
+            fsync_path(self.path)
+        except OSError as exc:
+            self.log(f"store {self.path}: could not set aside the unreadable generation(s) "
+                     f"{', '.join(map(str, todo))} ({one_line(exc)}); they stay where they are")
+            return None
+        self.log(f"store {self.path}: moved the unreadable generation(s) {', '.join(map(str, todo))} to {folder} "
+                 f"(set aside, not deleted)")
+        return folder
+
     def load(self) -> StoreState | None:
-        """The newest good generation, or None (no store yet: generation 0, the engine dir)."""
+        """The newest good generation, or None (no store yet: generation 0, the engine dir).
+        Generations it cannot read are set aside (:meth:`_set_aside`) before anything is pruned."""
         gens = self.generations()
-        self.seen_generation = gens[0] if gens else 0
+        state, bad = None, []
         for gen in gens:
             try:
-                return self._read(gen)
+                state = self._read(gen)
+                break
             except EdgeclError:
                 raise
             except Exception as exc:  # noqa: BLE001 - damaged generation: say so, fall back
                 self.log(f"store {self.path}: generation {gen} is unusable ({exc}); falling back to the previous one")
-        if gens:
+                bad.append(gen)
+        self.unreadable |= set(bad)
+        if bad:
+            try:
+                with FileLock(self.path / ".lock"):
+                    self._set_aside(bad)
+            except OSError as exc:  # a store this process may not write (read-only media): leave it as it is
+                self.log(f"store {self.path}: could not lock it to set aside the unreadable generation(s) "
+                         f"({one_line(exc)}); they stay where they are")
+        if gens and state is None:
             self.log(f"store {self.path}: no generation is readable; starting from the engine directory")
-        return None
+        self.seen_generation = self._high_water()
+        return state
 
     def commit(self, state: StoreState, expect_generation: int | None = None) -> int:
         """Write ``state`` as the next generation, all-or-nothing; returns its number.
 
         ``expect_generation``: the newest generation when ``state`` was loaded
         (``seen_generation``); if another process committed in between, refuse (the caller
-        reloads and retries)."""
+        reloads and retries). A file-system error (a full disk, a read-only store, a planted
+        symlink) is one line: nothing was committed and the store is as it was."""
+        try:
+            return self._commit(state, expect_generation)
+        except OSError as exc:
+            raise EdgeclError(f"cannot commit to store {self.path} ({one_line(exc)}): nothing was committed and its "
+                              f"generations are as they were; free space or make it writable, and run again") from None
+
+    def _commit(self, state: StoreState, expect_generation: int | None) -> int:
         self.path.mkdir(parents=True, exist_ok=True)
         with FileLock(self.path / ".lock"):
             remove_stale_tmp(self.path)
             gens = self.generations()
-            latest = gens[0] if gens else 0
+            latest = self._high_water()
             if gens:
                 self._check_engine(gens[0])
             if expect_generation is not None and latest != expect_generation:
@@ -226,17 +434,35 @@ class ClassStore:
                                  sha256=hashlib.sha256(data).hexdigest(), engine=self.engine,
                                  classes=len(state.classes), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             write_bytes_durable(record_file, json.dumps(record.to_json(), indent=1).encode())  # the commit point
-            self._prune(gen)
-        self.seen_generation = gen
+            self.seen_generation = gen
+            try:
+                self._prune(gen)
+            except OSError as exc:  # committed all the same: older generations stay a while longer
+                self.log(f"store {self.path}: generation {gen} committed, but older ones were not pruned "
+                         f"({one_line(exc)})")
         return gen
 
     def _prune(self, newest: int) -> None:
-        removed = False
+        """Keep the newest ``KEEP`` committed generations (``newest`` among them); remove older ones
+        and orphans (a data file without its record: an interrupted commit). A committed generation
+        whose record or data is damaged (the sha256 check; its state is not parsed again) is set
+        aside instead (:meth:`_set_aside`), never deleted."""
+        keep = {newest, *self.generations()[:KEEP]}
+        old: dict = {}
         for f in self.path.glob("gen-*"):
-            m = re.match(r"^gen-(\d{8})\.", f.name)
-            if m and not newest - KEEP < int(m.group(1)) <= newest:  # older than the kept ones, or an orphan
+            m = _GEN_FILE.match(f.name)
+            if m and int(m.group(1)) not in keep:
+                old.setdefault(int(m.group(1)), []).append(f)
+        removed, unreadable = False, []
+        for gen, files in sorted(old.items()):
+            if self._files(gen)[1].exists() and (gen in self.unreadable or self._unreadable(gen, parse=False)):
+                unreadable.append(gen)  # committed, but its bytes are not what was committed
+                continue
+            for f in files:
                 f.unlink()
                 removed = True
+        if unreadable:
+            self._set_aside(unreadable)
         if removed:
             fsync_path(self.path)
 
@@ -259,11 +485,121 @@ def store_record(path) -> StoreRecord:
     raise EdgeclError(f"{path} holds no readable store generation (gen-*.json with a matching .safetensors)")
 
 
-def merge_states(states: list, names: list) -> StoreState:
-    """Sum the statistics of several stores of one engine: enrolled rows are concatenated per
-    class name (G and Q are sums over rows, so this is their exact sum), engine classes keep
-    their statistics once (the shared baseline), removals and renames are united.
-    ``names``: the stores' paths, for messages."""
+@dataclass
+class MergedClass:
+    """What a merge did with one enrolled class name: ``contributions`` and ``rows`` in the merge,
+    ``stores`` that hold at least one of them (argument order), ``joined`` (no single store held
+    them all: the class was enrolled on several devices and is joined), ``duplicates``
+    (contributions found again in a later store, counted once), ``dropped`` (contributions whose
+    class was removed in ``removed_in``, dropped although other stores still had them)."""
+
+    name: str
+    contributions: int = 0
+    rows: int = 0
+    stores: list = field(default_factory=list)
+    joined: bool = False
+    duplicates: int = 0
+    dropped: int = 0
+    removed_in: list = field(default_factory=list)
+
+    def line(self) -> str:
+        n = _plural(self.contributions, "contribution")
+        if not self.contributions and not self.dropped:
+            text = "no enrolled rows in any store"
+        elif not self.contributions:
+            text = f"removed in {_join(self.removed_in)}: its {_plural(self.dropped, 'contribution')} in " \
+                   f"{_join(self.stores)} dropped; not in the merge"
+        else:
+            text = (f"joined across {_join(self.stores)}: {n}, {self.rows} rows" if self.joined
+                    else f"{n}, {self.rows} rows from {_join(self.stores)}")
+            if self.duplicates:
+                text += (f"; {_plural(self.duplicates, 'contribution')} already present, skipped as "
+                         f"{'a duplicate' if self.duplicates == 1 else 'duplicates'}")
+            if self.dropped:
+                text += (f"; removed in {_join(self.removed_in)}: {_plural(self.dropped, 'contribution')} dropped, "
+                         f"the class comes back with the {n} enrolled elsewhere")
+        return f"merge: {self.name!r}: {text}"
+
+
+@dataclass
+class MergeReport:
+    """What :func:`merge_states` joined: per enrolled class name (merge order) a
+    :class:`MergedClass`; ``gone``: names whose every contribution was dropped as removed;
+    ``removed_base``: (engine class, stores that removed it) for engine classes some other store
+    still had; ``same_as``: the first store whose content the merge equals (its solved W is kept)."""
+
+    stores: list
+    classes: list = field(default_factory=list)
+    gone: list = field(default_factory=list)
+    removed_base: list = field(default_factory=list)
+    same_as: Optional[str] = None
+
+    @property
+    def duplicates(self) -> int:
+        return sum(c.duplicates for c in self.classes + self.gone)
+
+    @property
+    def joined(self) -> list:
+        return [c.name for c in self.classes if c.joined]
+
+    def lines(self) -> list:
+        """One summary line, then one line per class, per class gone and per removed engine class."""
+        n = sum(c.contributions for c in self.classes)
+        head = (f"merge: {len(self.stores)} stores: {_plural(len(self.classes), 'enrolled class', 'enrolled classes')}"
+                f" ({len(self.joined)} joined across stores), {_plural(n, 'contribution')}, "
+                f"{sum(c.rows for c in self.classes)} rows; {self.duplicates} duplicate contributions skipped")
+        dropped = sum(c.dropped for c in self.classes + self.gone)
+        if dropped:
+            head += f"; {dropped} dropped as removed"
+        if self.same_as is not None:
+            head += f"; the result equals {self.same_as}"
+        out = [head] + [c.line() for c in self.classes + self.gone]
+        out += [f"merge: engine class {name!r} removed in {_join(by)}: not in the merge"
+                for name, by in self.removed_base]
+        return out
+
+
+def _plural(n: int, one: str, many: Optional[str] = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def _join(names: list) -> str:
+    return ", ".join(dict.fromkeys(names))
+
+
+def _content(st: StoreState) -> tuple:
+    """What a state's statistics and logits depend on: its classes in order and its contributions
+    (by id, with their class names)."""
+    names = {c.uid: c.name for c in st.classes if c.uid is not None}
+    return ([(c.name, c.base) for c in st.classes],
+            frozenset((c.id, names[c.uid]) for c in st.contributions if c.uid in names))
+
+
+def same_content(a: StoreState, b: StoreState) -> bool:
+    """Whether two states hold the same classes, rows, weighting and removals."""
+    return (a.engine == b.engine and a.policy == b.policy and _content(a) == _content(b)
+            and sorted(a.removed_base) == sorted(b.removed_base)
+            and set(a.removed_contributions) == set(b.removed_contributions))
+
+
+def merge_states(states: list, names: list) -> tuple:
+    """Merge several stores of one engine; returns (merged state, :class:`MergeReport`).
+
+    The merge takes the union of the stores' contributions by id (the rows of one enrollment,
+    :class:`~edgecl.core.formats.Contribution`), so it is idempotent (a store merged with itself,
+    or with a merge that already holds it, gives the same state) and order-free; G and Q are sums
+    over the union's rows, so they are exact. Contributions are grouped by their class name in
+    their stores: the same name enrolled on several devices is one class (the report says it was
+    joined); one contribution under two names (renamed on one device) is refused. Engine classes
+    keep their statistics once (the shared baseline); renames must agree, removals are united.
+    Removing an enrolled class leaves its contributions' ids as tombstones, and a merge drops
+    tombstoned contributions from every store: a class removed on one device stays removed, or
+    comes back with only the contributions enrolled elsewhere (the report says so). A store
+    written before contribution ids has no tombstones: its removals do not reach other stores.
+    Classes: engine classes by their index, then enrolled classes by their first enrollment
+    time (unknown last), then name; rows by class, then contribution time, then id. When the merge
+    equals one of the stores, that store's solved W is kept. ``names``: the stores' paths, for
+    messages."""
     first = states[0]
     for st, name in zip(states[1:], names[1:]):
         if st.engine != first.engine:
@@ -274,64 +610,143 @@ def merge_states(states: list, names: list) -> StoreState:
                               f"({st.policy} vs {first.policy})")
     learners = list(first.rows)
     base_names: dict = {}
-    removed = set()
-    for st, name in zip(states, names):
-        removed |= set(st.removed_base)
+    removed_by: dict = {}
+    for s, (st, name) in enumerate(zip(states, names)):
+        for b in st.removed_base:
+            removed_by.setdefault(b, []).append(s)
         for c in st.classes:
             if c.base is not None and base_names.setdefault(c.base, c.name) != c.name:
                 raise EdgeclError(f"cannot merge: engine class {c.base} is named {base_names[c.base]!r} in "
                                   f"one store and {c.name!r} in {name}; rename it the same way first")
-    merged = StoreState(engine=first.engine, classes=[], policy=first.policy, removed_base=sorted(removed))
-    merged.classes = [ClassEntry(base_names[b], base=b) for b in sorted(base_names) if b not in removed]
+    merged = StoreState(engine=first.engine, classes=[], policy=first.policy, removed_base=sorted(removed_by))
+    merged.classes = [ClassEntry(base_names[b], base=b) for b in sorted(base_names) if b not in removed_by]
     taken = {c.name for c in merged.classes}
-    rows = {ln: [] for ln in learners}
-    uids = []
-    by_name: dict = {}
-    for st in states:
-        for c in st.classes:
-            if c.base is not None:
+    tombstones: dict = {}
+    for s, st in enumerate(states):
+        for cid in st.removed_contributions:
+            tombstones.setdefault(cid, []).append(s)
+    # every contribution once, by id: where it was first found, which stores hold it, its class name
+    found: dict = {}
+    empty: set = set()  # enrolled classes without rows
+    groups = [st.contribution_rows() for st in states]
+    for s, (st, name) in enumerate(zip(states, names)):
+        of_uid = {c.uid: c.name for c in st.classes if c.uid is not None}
+        for cname in of_uid.values():
+            if cname in taken:
+                raise EdgeclError(f"cannot merge: enrolled class {cname!r} of {name} has the name of an engine class")
+        for i, ct in enumerate(st.contributions):
+            cname = of_uid.get(ct.uid)
+            if cname is None:
+                continue  # rows of no class (not in its statistics either)
+            f = found.get(ct.id)
+            if f is None:
+                found[ct.id] = {"name": cname, "at": (s, i), "holders": [s], "c": ct}
                 continue
-            if c.name in taken and c.name not in by_name:
-                raise EdgeclError(f"cannot merge: enrolled class {c.name!r} has the name of an engine class")
-            if c.name not in by_name:
-                by_name[c.name] = merged.next_uid
-                merged.classes.append(ClassEntry(c.name, uid=merged.next_uid))
-                merged.next_uid += 1
-            sel = st.rows_of(c.uid)
+            s0, i0 = f["at"]
+            if f["name"] != cname:
+                raise EdgeclError(f"cannot merge: one enrollment (contribution {ct.id[:8]}...) is class {f['name']!r} "
+                                  f"in {names[s0]} and {cname!r} in {name}; rename it the same way first")
+            if not all(np.array_equal(states[s0].rows[ln][groups[s0][i0]], st.rows[ln][groups[s][i]])
+                       for ln in learners):
+                raise EdgeclError(f"cannot merge: contribution {ct.id[:8]}... holds different rows in {names[s0]} "
+                                  f"and {name}; one of them is damaged")
+            f["holders"].append(s)
+        with_rows = {ct.uid for ct in st.contributions}
+        empty |= {c.name for c in st.classes if c.uid is not None and c.uid not in with_rows}
+    report = MergeReport(stores=list(names))
+    by_name: dict = {}
+    for cid, f in found.items():
+        by_name.setdefault(f["name"], []).append(cid)
+    for cname in empty:
+        by_name.setdefault(cname, [])
+
+    def when(cid: str) -> float:
+        t = found[cid]["c"].time
+        return math.inf if t is None else t
+
+    order = sorted(by_name, key=lambda n: (min((when(c) for c in by_name[n] if c not in tombstones),
+                                               default=math.inf), n))
+    rows: dict = {ln: [] for ln in learners}
+    uids, contribs = [], []
+    for cname in order:
+        kept = sorted((c for c in by_name[cname] if c not in tombstones), key=lambda c: (when(c), c))
+        dropped = [c for c in by_name[cname] if c in tombstones]
+        mc = MergedClass(cname, contributions=len(kept), dropped=len(dropped),
+                         removed_in=[names[s] for c in dropped for s in tombstones[c]])
+        mc.stores = [names[s] for s in sorted({s for c in (kept or dropped) for s in found[c]["holders"]})]
+        mc.duplicates = sum(len(found[c]["holders"]) - 1 for c in kept + dropped)
+        if not kept and dropped:
+            report.gone.append(mc)
+            continue
+        holders = [set(found[c]["holders"]) for c in kept]
+        mc.joined = bool(kept) and not set.intersection(*holders)
+        uid = merged.next_uid
+        merged.next_uid += 1
+        merged.classes.append(ClassEntry(cname, uid=uid))
+        for cid in kept:
+            s, i = found[cid]["at"]
+            ct, sel = found[cid]["c"], groups[s][i]
             for ln in learners:
-                rows[ln].append(st.rows[ln][sel])
-            uids.append(np.full(len(sel), by_name[c.name], np.int64))
+                rows[ln].append(states[s].rows[ln][sel])
+            uids.append(np.full(len(sel), uid, np.int64))
+            contribs.append(np.full(len(sel), len(merged.contributions), np.int64))
+            merged.contributions.append(Contribution(id=cid, uid=uid, rows=len(sel), time=ct.time,
+                                                     extra=dict(ct.extra)))
+            mc.rows += len(sel)
+        report.classes.append(mc)
     merged.rows = {ln: (np.concatenate(v) if v else np.zeros((0, first.rows[ln].shape[1]), np.float32))
                    for ln, v in rows.items()}
     merged.row_uid = np.concatenate(uids) if uids else np.zeros(0, np.int64)
+    merged.row_contrib = np.concatenate(contribs) if contribs else np.zeros(0, np.int64)
+    merged.removed_contributions = sorted(tombstones)
     merged.history = [{"op": "merge", "stores": [str(n) for n in names], "time": time.time()}]
-    return merged
+    for b in merged.removed_base:
+        had = [names[s] for s, st in enumerate(states) if any(c.base == b for c in st.classes)]
+        if had:
+            report.removed_base.append((base_names[b], [names[s] for s in removed_by[b]]))
+    # a merge equal to one of the stores keeps that store's solution (no solve, the same W)
+    equal = [(st, name) for st, name in zip(states, names) if _content(st) == _content(merged)]
+    solved = [(st, name) for st, name in equal
+              if st.W and all(w.shape[1] == len(merged.classes) for w in st.W.values())]
+    if equal:
+        st, report.same_as = (solved or equal)[0]
+        merged.W = dict(st.W) if solved else {}
+    return merged, report
 
 
 def merge_stores(stores: list, out, log: Callable = print) -> tuple:
     """``edgecl merge``: read the newest generation of each store, merge them
-    (:func:`merge_states`) and commit the result to the store ``out`` (which may be one of them).
-    Returns (merged state, committed generation)."""
-    states = []
+    (:func:`merge_states`), log the report (:meth:`MergeReport.lines`) and commit the result to
+    the store ``out`` (which may be one of them), unless ``out`` already holds exactly that.
+    Returns (merged state, its generation)."""
+    states, opened = [], {}
     for path in stores:
         record = store_record(path)
-        state = ClassStore(path, record.engine, log=log).load()
+        store = ClassStore(path, record.engine, log=log)
+        state = store.load()
         if state is None:
             raise EdgeclError(f"{path} holds no readable store generation")
         states.append(state)
-    merged = merge_states(states, [str(p) for p in stores])
-    gen = ClassStore(out, merged.engine, log=log).commit(merged)
+        opened.setdefault(Path(path).resolve(), (store, state))
+    merged, report = merge_states(states, [str(p) for p in stores])
+    for line in report.lines():
+        log(line)
+    target, current = opened.get(Path(out).resolve(), (None, None))
+    if target is None:
+        target = ClassStore(out, merged.engine, log=log)
+        current = target.load()  # refuses a store of another engine
+        if current is not None:
+            lost = {c.id for c in current.contributions} - {c.id for c in merged.contributions}
+            if lost or not same_content(current, merged):
+                log(f"merge: {out} is not among the stores merged: its generation {current.generation} "
+                    f"({len(current.classes)} classes, {_plural(len(lost), 'contribution')} not in the merge) is "
+                    f"replaced; list {out} among the stores to keep it")
+    if current is not None and same_content(current, merged):
+        log(f"merge: {out} already holds all of it; nothing to commit (generation {current.generation})")
+        return current, current.generation
+    gen = target.commit(merged, expect_generation=target.seen_generation)
     return merged, gen
 
 
 def default_store_path(engine_dir) -> Path:
     return Path(engine_dir) / "store"
-
-
-def ensure_not_bound(engine_dir, store_path, manifest) -> None:
-    """The store must not overwrite a file the engine manifest binds."""
-    rel = os.path.relpath(Path(store_path).resolve(), Path(engine_dir).resolve())
-    for name in manifest.files:
-        if name == rel or name.startswith(rel.rstrip("/") + "/"):
-            raise EdgeclError(f"--store {store_path} would overwrite {name} of the engine directory; "
-                              "choose another path")

@@ -17,6 +17,7 @@ type, with a one-line error naming the file, the key and what re-creates the art
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,16 @@ def unpack(group: dict, kind: str, learner: Optional[str] = None) -> dict:
     """The inverse of :func:`pack`: the tensors of ``group`` under that prefix, prefix removed."""
     prefix = tensor_key(kind, "", learner)
     return {k[len(prefix):]: v for k, v in group.items() if k.startswith(prefix)}
+
+
+def load_tensor_file(load, path, what: str, fix: str) -> dict:
+    """``load(path)`` (safetensors' numpy or torch ``load_file``), a file that does not parse (a
+    truncated file whose hash was updated, say) refused with one line naming ``what`` and ``fix``."""
+    try:
+        return load(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors' errors, shown as one line
+        raise EdgeclError(f"{what}: {Path(path).name} cannot be read as safetensors ({one_line(exc)}); "
+                          f"{fix}") from None
 
 
 def split_learner(group: dict, learners: list) -> dict:
@@ -108,14 +119,26 @@ class LearnerFacts:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
-def _check_header(data: Any, fmt: str, version: int, path: Path, what: str, fix: str) -> None:
+SELF_HASH = "manifest_sha256"
+
+
+def content_sha256(data: dict) -> str:
+    """sha256 of a manifest's content (canonical JSON of every key but its own hash)."""
+    body = {k: v for k, v in data.items() if k != SELF_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_header(data: Any, fmt: str, versions: tuple, path: Path, what: str, fix: str) -> None:
     mf = path / "manifest.json"
     if not isinstance(data, dict) or data.get("format") != fmt:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise EdgeclError(f"{mf} is not an edgecl {what} manifest (format {got!r}); {fix}")
-    if data.get("format_version") != version:
+    if data.get("format_version") not in versions:
         raise EdgeclError(f"{what} {path} has format version {data.get('format_version')!r}; this edgecl reads "
-                          f"version {version}: {fix} with this edgecl")
+                          f"version {' or '.join(map(str, versions))}: {fix} with this edgecl")
+    if data["format_version"] >= 2 and data.get(SELF_HASH) != content_sha256(data):
+        raise EdgeclError(f"{mf} does not match its own hash ({SELF_HASH}): the manifest was edited or damaged; "
+                          f"{fix}")
 
 
 def read_json_manifest(path, what: str, fix: str) -> Any:
@@ -143,9 +166,51 @@ def manifest_format(path) -> Optional[str]:
     return data.get("format") if isinstance(data, dict) else None
 
 
+def artifact_format(path) -> Optional[str]:
+    """The format of the artifact directory at ``path``: its manifest's ``format``, or, when the
+    manifest is too damaged to say, the one its files point to (an engine directory has
+    ``classes.json`` and ONNX models, a bundle ``backbone.safetensors``); None for neither."""
+    fmt = manifest_format(path)
+    if fmt is not None or not (Path(path) / "manifest.json").exists():
+        return fmt
+    if (Path(path) / "classes.json").is_file() or any(Path(path).glob("model.*.onnx")):
+        return EngineManifest.FORMAT
+    if (Path(path) / "backbone.safetensors").is_file():
+        return BundleManifest.FORMAT
+    return None
+
+
+def enclosing(path, fmt: str) -> Optional[Path]:
+    """The directory of format ``fmt`` (e.g. ``edgecl-engine``) that is ``path`` or holds it, if any."""
+    p = Path(path).expanduser().resolve()
+    for d in (p, *p.parents):
+        if manifest_format(d) == fmt:
+            return d
+    return None
+
+
+def check_output_path(path, option: str, store_ok: bool = False, parent_must_exist: bool = True) -> None:
+    """Refuse to write ``path`` (given with ``option``) inside an engine directory, whose files its
+    manifest binds; ``store_ok``: the engine's own ``store/`` folder is fine. ``parent_must_exist``:
+    the folder to write into must exist (a file option), with one line saying so."""
+    p = Path(path).expanduser().resolve()
+    eng = enclosing(p, EngineManifest.FORMAT)
+    if eng is not None and not (store_ok and p == eng / "store"):
+        where = "its store belongs in ENGINE_DIR/store" if store_ok else "write it elsewhere"
+        raise EdgeclError(f"{option} {path} is inside the engine directory {eng}, whose files its manifest binds: "
+                          f"{where}")
+    if parent_must_exist and not p.parent.is_dir():
+        raise EdgeclError(f"{option} {path}: the folder {p.parent} does not exist; create it or choose another path")
+
+
 class _Manifest:
+    """A manifest: its format name and version checked on reading; from version 2 it carries
+    :data:`SELF_HASH`, the sha256 of its own content, so an edited manifest (reversed class names,
+    another input size...) is refused like an edited file (version 1, unhashed, is still read)."""
+
     FORMAT = ""
-    VERSION = 1
+    VERSION = 2
+    READS = (1, 2)
     WHAT = ""
 
     @classmethod
@@ -155,8 +220,8 @@ class _Manifest:
     @classmethod
     def from_json(cls, data: Any, path) -> Any:
         path = Path(path)
-        _check_header(data, cls.FORMAT, cls.VERSION, path, cls.WHAT, cls.fix(path))
-        body = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+        _check_header(data, cls.FORMAT, cls.READS, path, cls.WHAT, cls.fix(path))
+        body = {k: v for k, v in data.items() if k not in ("format", "format_version", SELF_HASH)}
         return from_dict(cls, body, str(path / "manifest.json"), f"the {cls.WHAT} is damaged: {cls.fix(path)}")
 
     @classmethod
@@ -165,18 +230,18 @@ class _Manifest:
         return cls.from_json(read_json_manifest(path, cls.WHAT, cls.fix(path)), path)
 
     def to_json(self) -> dict:
-        return {"format": self.FORMAT, "format_version": self.VERSION, **to_dict(self)}
+        data = {"format": self.FORMAT, "format_version": self.VERSION, **to_dict(self)}
+        return {**data, SELF_HASH: content_sha256(data)}
 
 
 # ----------------------------------------------------------------------------- the run bundle
 
 @dataclass
 class BundleManifest(_Manifest):
-    """``BUNDLE/manifest.json`` (format ``edgecl-bundle``, version 1); ``files`` binds every file
-    of the bundle by sha256."""
+    """``BUNDLE/manifest.json`` (format ``edgecl-bundle``, version 2); ``files`` binds every file
+    of the bundle by sha256, ``manifest_sha256`` the manifest itself."""
 
     FORMAT = "edgecl-bundle"
-    VERSION = 1
     WHAT = "bundle"
 
     method: str
@@ -265,11 +330,11 @@ class SourceBundle:
 
 @dataclass
 class EngineManifest(_Manifest):
-    """``ENGINE_DIR/manifest.json`` (format ``edgecl-engine``, version 1); ``files`` binds the
-    graph, heads, statistics, classes and parity report by sha256."""
+    """``ENGINE_DIR/manifest.json`` (format ``edgecl-engine``, version 2); ``files`` binds the
+    graph, heads, statistics, classes and parity report by sha256, ``manifest_sha256`` the
+    manifest itself."""
 
     FORMAT = "edgecl-engine"
-    VERSION = 1
     WHAT = "engine directory"
 
     input: InputSpec
@@ -375,8 +440,27 @@ class ClassEntry:
 
 
 @dataclass
+class Contribution:
+    """The rows one enrollment (one ``ClassHeads.enroll`` call) added to a store: ``id``, its
+    stable identity (32 hex digits: random when enrolled; for a store written before ids, derived
+    from sha256 of the class name and the rows' bytes), ``uid`` of the enrolled class it belongs
+    to, its number of ``rows`` (the state's ``row_contrib`` tensor gives each row's contribution)
+    and when it was enrolled (``time``, seconds since the epoch; None when unknown). ``edgecl
+    merge`` takes the union of the stores' contributions by id."""
+
+    id: str
+    uid: int
+    rows: int
+    time: Optional[float] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class StoreMeta:
-    """The metadata of a store generation's state (inside its safetensors file)."""
+    """The metadata of a store generation's state (inside its safetensors file).
+    ``contributions``: the enrolled rows by enrollment (:class:`Contribution`);
+    ``removed_contributions``: ids of contributions whose class was removed (a merge drops them
+    from every store). Both are empty in stores written before contribution ids."""
 
     generation: int
     engine: EngineIdentity
@@ -385,6 +469,8 @@ class StoreMeta:
     removed_base: List[int] = field(default_factory=list)
     next_uid: int = 0
     history: List[Dict[str, Any]] = field(default_factory=list)
+    contributions: List[Contribution] = field(default_factory=list)
+    removed_contributions: List[str] = field(default_factory=list)
     format: str = STORE_FORMAT
     format_version: int = STORE_VERSION
     extra: Dict[str, Any] = field(default_factory=dict)
