@@ -28,7 +28,7 @@ from pathlib import Path
 
 from edgecl.core.durable import sha256_file
 from edgecl.core.errors import EdgeclError
-from edgecl.core.formats import EngineManifest, engine_fix, manifest_format, split_learner, unpack
+from edgecl.core.formats import EngineManifest, engine_fix, load_tensor_file, manifest_format, split_learner, unpack
 
 from .heads import load_head
 
@@ -65,7 +65,8 @@ def load_tensors(path, manifest: EngineManifest, stem: str) -> dict:
     name = f"{stem}.safetensors"
     if name not in manifest.files:
         return {ln: {} for ln in manifest.learners}
-    return split_learner(load_file(str(Path(path) / name)), list(manifest.learners))
+    flat = load_tensor_file(load_file, Path(path) / name, f"engine directory {path}", engine_fix(path))
+    return split_learner(flat, list(manifest.learners))
 
 
 def load_heads(path, manifest: EngineManifest) -> dict:

@@ -31,11 +31,12 @@ from typing import Callable
 import numpy as np
 
 from edgecl.core.errors import EdgeclError
-from edgecl.core.formats import ClassEntry, EngineManifest, unpack
+from edgecl.core.formats import ClassEntry, EngineManifest, check_output_path, unpack
+from edgecl.core.labels import check_label, shown
 
 from .engine_dir import class_names, load_heads, load_tensors, read_manifest, verify
 from .heads import StoreView
-from .store import ClassStore, StoreState, default_store_path, ensure_not_bound
+from .store import ClassStore, StoreState, default_store_path
 
 # chosen on held-out data, see docs/DEVICE.md "Imbalance" (python -m benchmarks enroll)
 DEFAULT_POLICY = {"alpha": 0.0, "beta": 1.0}
@@ -118,7 +119,7 @@ class ClassHeads:
         self.refactor_every = refactor_every
         self.heads = load_heads(engine_dir, manifest)
         store_path = Path(store_path) if store_path else default_store_path(engine_dir)
-        ensure_not_bound(engine_dir, store_path, manifest)
+        check_output_path(store_path, "--store", store_ok=True, parent_must_exist=False)
         self.store = ClassStore(store_path, manifest.identity(), log)
         state = self.store.load()
         if state is None:
@@ -182,9 +183,7 @@ class ClassHeads:
         """Add ``rows`` ({learner: [k, width]} in the heads' input space, :meth:`head_inputs`) as
         class ``name`` (new, or more rows for an enrolled class). Returns ``update_ms`` (the
         update of all learners' heads)."""
-        name = str(name).strip()
-        if not name:
-            raise EdgeclError("--name is empty; give the class a label")
+        name = check_label(name, "--name")
         self.check_enrollable()
         rows = {ln: np.asarray(rows[ln], np.float32) for ln in self.heads}
         k = {len(v) for v in rows.values()}
@@ -208,9 +207,7 @@ class ClassHeads:
         for ln, head in self.heads.items():
             head.enroll(j, rows[ln], st.rows[ln][old])
         update_ms = 1000 * (time.perf_counter() - start)
-        for ln in self.heads:
-            st.rows[ln] = np.concatenate([st.rows[ln], rows[ln]])
-        st.row_uid = np.concatenate([st.row_uid, np.full(k, uid, np.int64)])
+        st.add_contribution(uid, rows)  # one contribution with a fresh random id (merge unites them by id)
         st.history.append({"op": "enroll", "name": name, "rows": int(k), "time": time.time()})
         return {"update_ms": update_ms, "rows": int(k), "classes": len(st.classes)}
 
@@ -226,9 +223,7 @@ class ClassHeads:
         if c.base is not None:
             st.removed_base.append(c.base)
         else:
-            keep = st.row_uid != c.uid
-            st.rows = {ln: r[keep] for ln, r in st.rows.items()}
-            st.row_uid = st.row_uid[keep]
+            st.drop_class_rows(c.uid)  # its contributions' ids stay as tombstones, so a merge drops them too
         st.classes.pop(j)
         st.history.append({"op": "remove", "name": name, "time": time.time()})
 
@@ -236,9 +231,10 @@ class ClassHeads:
         st = self.state
         j = st.index(old)
         if j < 0:
-            raise EdgeclError(f"--rename {old!r}: no such class")
+            raise EdgeclError(f"--rename {shown(old)!r}: no such class")
+        new = check_label(new, f"--rename {shown(old)}=...")
         if st.index(new) >= 0:
-            raise EdgeclError(f"--rename {old}={new}: {new!r} is already a class")
+            raise EdgeclError(f"--rename {shown(old)}={new}: {new!r} is already a class")
         st.classes[j].name = new
         st.history.append({"op": "rename", "old": old, "new": new, "time": time.time()})
 

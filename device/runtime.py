@@ -117,7 +117,7 @@ class Runtime:
         from .enroll import usable_frames
         from .sources import open_source
 
-        with open_source(spec, log=self.log) as src:
+        with open_source(spec, size=self.size, log=self.log) as src:
             raw = []
             for f in src:
                 raw.append(self.fit(f))

@@ -23,9 +23,36 @@ from typing import Optional
 
 from .core.durable import publish_dir, sha256_file, staging_dir, write_json_durable
 from .core.errors import EdgeclError
-from .core.formats import BundleManifest, EngineManifest, manifest_format
+from .core.formats import (
+    BUNDLE_FIX,
+    BundleManifest,
+    EngineManifest,
+    check_output_path,
+    load_tensor_file,
+    manifest_format,
+)
 
 TENSOR_FILES = ("backbone", "pet", "heads", "stats")
+
+
+def check_bundle_out(out, method: str, force: bool = False) -> None:
+    """Refuse ``--out`` before training when writing the bundle there would destroy something: a
+    directory that is not a run bundle (an engine directory in particular), a path inside an
+    engine directory, or a bundle of another method (unless ``force``)."""
+    out = Path(out).expanduser().resolve()
+    fmt = manifest_format(out)
+    if out.exists() and fmt != BundleManifest.FORMAT:
+        what = "an engine directory" if fmt == EngineManifest.FORMAT else "not an edgecl bundle"
+        raise EdgeclError(f"--out {out} exists and is {what}; it is not replaced: choose another path")
+    check_output_path(out, "--out", parent_must_exist=False)
+    if fmt == BundleManifest.FORMAT and not force:
+        try:
+            other = BundleManifest.read(out).method
+        except EdgeclError:
+            other = None
+        if other != method:
+            raise EdgeclError(f"--out {out} holds a {other or 'damaged'} bundle; training {method} would replace it: "
+                              f"choose another path or pass --force")
 
 
 def write_bundle(out: Path, manifest: BundleManifest, tensors: dict, extra_files: Optional[dict] = None) -> Path:
@@ -75,7 +102,7 @@ def read_bundle(path: Path, verify: bool = True) -> tuple:
             raise EdgeclError(f"bundle {path}: {name} does not match the manifest's hash; "
                               "the bundle is damaged or was edited")
         if name.endswith(".safetensors"):
-            tensors[name[: -len(".safetensors")]] = load_file(str(file))
+            tensors[name[: -len(".safetensors")]] = load_tensor_file(load_file, file, f"bundle {path}", BUNDLE_FIX)
     if "backbone" not in tensors:
         raise EdgeclError(f"bundle {path} is incomplete: backbone.safetensors is missing")
     return manifest, tensors

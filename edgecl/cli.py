@@ -83,8 +83,9 @@ def cli():
               help="Override any config key, e.g. --set ranpac.M=2048.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to write the run bundle.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--force", is_flag=True, help="Replace a bundle of another method at --out.")
 def train(data, val_data, dataset, method, profile, backbone, weights, pretrained, split, seed, epochs, device,
-          config_file, sets, out, no_progress):
+          config_file, sets, out, no_progress, force):
     """Train METHOD over class-incremental sessions and write a run bundle."""
     from .config import parse_set, resolve_config
 
@@ -113,7 +114,7 @@ def train(data, val_data, dataset, method, profile, backbone, weights, pretraine
         raise EdgeclError("no training data: pass --data DIR (an ImageFolder with train/ and val/)")
     from .train import train as run_train
 
-    metrics = run_train(cfg, out, progress=not no_progress, log=click.echo)
+    metrics = run_train(cfg, out, progress=not no_progress, force=force, log=click.echo)
     click.echo(f"A_last {metrics['A_last']:.2f}  A_avg {metrics['A_avg']:.2f}  "
                f"forgetting {metrics['forgetting']:.2f}  ({metrics['time_s']:.0f} s: learning "
                f"{metrics['learn_s']:.0f} s, per-session test {metrics['eval_s']:.0f} s)")
@@ -136,9 +137,9 @@ def eval_(path, data, split, per_class, precision, backend, store, as_json):
 
     An engine directory is evaluated as the device predicts: the backend edgecl run takes,
     the heads with the classes its store has enrolled, renamed or removed."""
-    from .device.engine_dir import is_engine_dir
+    from .core.formats import EngineManifest, artifact_format
 
-    if is_engine_dir(path):
+    if artifact_format(path) == EngineManifest.FORMAT:
         require_all(ENGINE, "edgecl eval ENGINE_DIR")
         from .device.evaluate import evaluate_engine_dir
 
@@ -177,14 +178,17 @@ def eval_(path, data, split, per_class, precision, backend, store, as_json):
               help="TensorRT optimisation profile for the batch axis.")
 @click.option("--workspace-mb", type=int, default=1024, show_default=True, help="TensorRT builder workspace.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs the tensorrt module and a GPU).")
-def export(bundle, out, precision, calib_data, calib_count, calib_method, int8_weights, batch_range, workspace_mb, trt):
+@click.option("--force", is_flag=True,
+              help="Replace an engine directory that holds a device store (the store is moved beside it first).")
+def export(bundle, out, precision, calib_data, calib_count, calib_method, int8_weights, batch_range, workspace_mb, trt,
+           force):
     """Fold PET into the backbone and export ONNX / TensorRT engines to an engine directory."""
     require_all(EXPORT, "edgecl export")
     from .export.exporter import export_bundle
 
     export_bundle(bundle, out, precision=precision, calib_data=calib_data, calib_count=calib_count,
                   calib_method=calib_method, int8_weights=int8_weights, trt=trt, batch_range=batch_range,
-                  workspace_mb=workspace_mb, log=click.echo)
+                  workspace_mb=workspace_mb, force=force, log=click.echo)
 
 
 _BACKEND = click.option("--backend", default="auto", show_default=True,
@@ -230,6 +234,10 @@ def enroll(engine_dir, name, images, source, frames, renames, removes, list_clas
 
     if images and not Path(images).is_dir():
         raise EdgeclError(f"--images {images}: not a folder of images")
+    if name is not None:
+        from .core.labels import check_label
+
+        name = check_label(name, "--name")
     from .device.enroll import POLICIES
 
     rt = Runtime(engine_dir, backend, store=store, policy=POLICIES[weighting] if weighting else None, log=click.echo)
@@ -271,14 +279,22 @@ def run(engine_dir, source, headless, jsonl, max_frames, top_k, unknown_below, e
         store):
     """The camera loop: capture, infer, aggregate, overlay."""
     require_all(DEVICE, "edgecl run")
+    from .core.formats import check_output_path
+    from .core.labels import check_label
     from .device.loop import run_loop
     from .device.runtime import Runtime
-    from .device.sources import open_source
+    from .device.sources import open_source, parse_source
 
-    if max_frames is not None and max_frames < 1:
-        raise EdgeclError("--max-frames must be >= 1")
-    src = open_source(source, log=click.echo)  # a bad --source fails before the engine loads
+    at_least("--max-frames", max_frames, 1)
+    at_least("--top-k", top_k, 1)
+    at_least("--enroll-frames", enroll_frames, 1)
+    if enroll_name is not None:
+        enroll_name = check_label(enroll_name, "--enroll-name")
+    if jsonl:
+        check_output_path(jsonl, "--jsonl")
+    parse_source(source)  # a bad --source fails before the engine loads
     rt = Runtime(engine_dir, backend, store=store, log=click.echo)
+    src = open_source(source, size=rt.size, log=click.echo)
     with src:
         summary = run_loop(rt, src, headless=headless, jsonl=jsonl, max_frames=max_frames, k=top_k,
                            unknown_below=unknown_below, enroll_frames=enroll_frames, enroll_name=enroll_name,
@@ -303,7 +319,12 @@ def bench(engine_dir, as_json, frames, frame_size, enroll_classes, enroll_frames
     try:
         w, h = (int(v) for v in frame_size.lower().split("x"))
     except ValueError:
-        raise EdgeclError(f"--frame-size {frame_size!r}: expected WxH, e.g. 640x480") from None
+        w = h = None
+    if w is None or w < 2 or h < 2:
+        raise EdgeclError(f"--frame-size {frame_size!r}: expected WxH of at least 2x2, e.g. 640x480")
+    at_least("--frames", frames, 1)
+    at_least("--enroll-classes", enroll_classes, 0)
+    at_least("--enroll-frames", enroll_frames, 1)
     result = run_bench(engine_dir, backend, frames=frames, frame_size=(h, w), enroll_classes=enroll_classes,
                        enroll_frames=enroll_frames, log=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
     if as_json:
@@ -319,8 +340,10 @@ def bench(engine_dir, as_json, frames, frame_size, enroll_classes, enroll_frames
 @click.option("--engine-dir", type=click.Path(), help="Solve the merged heads now (else at first use).")
 def merge(stores, out, engine_dir):
     """Sum the class statistics of several devices' stores (same engine) exactly."""
+    from .core.formats import check_output_path
     from .device.store import merge_stores
 
+    check_output_path(out, "--out", store_ok=True, parent_must_exist=False)
     merged, gen = merge_stores(list(stores), out, log=click.echo)
     click.echo(f"merged {len(stores)} stores into {out} generation {gen}: {len(merged.classes)} classes, "
                f"{len(merged.row_uid)} enrolled rows")
@@ -349,6 +372,12 @@ def demo(out, method, no_progress):
     from .demo import run_demo
 
     run_demo(out, method=method, progress=not no_progress, log=click.echo)
+
+
+def at_least(option: str, value, low: int) -> None:
+    """Refuse an integer option below ``low`` (None: not given) with one line."""
+    if value is not None and value < low:
+        raise EdgeclError(f"{option} {value}: must be {low} or more")
 
 
 def main(argv=None) -> None:

@@ -14,7 +14,7 @@ import yaml
 
 from . import __version__
 from .backbones import create_backbone
-from .bundle import read_bundle, write_bundle
+from .bundle import check_bundle_out, read_bundle, write_bundle
 from .config import Config, config_from_dict
 from .core.errors import EdgeclError
 from .core.formats import BackboneInfo, BundleManifest, ClassList, InputSpec, LearnerFacts
@@ -37,12 +37,14 @@ def build_learner(cfg: Config, backbone=None):
     return learner_class(cfg.method)(cfg, backbone)
 
 
-def train(cfg: Config, out: str, progress: bool = True, log: Callable = print) -> dict:
-    """Train ``cfg.method`` over the class-incremental sessions and write the bundle to ``out``.
+def train(cfg: Config, out: str, progress: bool = True, force: bool = False, log: Callable = print) -> dict:
+    """Train ``cfg.method`` over the class-incremental sessions and write the bundle to ``out``
+    (``force``: replace a bundle of another method there).
 
     Returns the metrics dict that is also written to ``out/metrics.json``.
     """
     cls = learner_class(cfg.method)  # fail fast on an unbuilt method, before loading data
+    check_bundle_out(out, cfg.method, force)  # and on an --out that must not be replaced
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
@@ -122,8 +124,8 @@ def evaluate(path: str, data: str, split: str = "val", per_class: Optional[int] 
     folder = root / split if (root / split).is_dir() else root
     if per_class is None:
         per_class = manifest.data_config.get("val_per_class")
-    images = load_imagefolder(folder, size=manifest.input.size, per_class=per_class,
-                              cache_dir=manifest.data_config.get("cache_dir"), progress=progress)
+    # the decode cache the user set ($EDGECL_CACHE), never a path read from the bundle
+    images = load_imagefolder(folder, size=manifest.input.size, per_class=per_class, progress=progress)
     known = manifest.classes.names
     rows, labels = images.relabel(known)
     if len(rows) == 0:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,9 +24,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from edgecl import __version__
-from edgecl.core.durable import publish_dir, sha256_file, staging_dir, write_json_durable
+from edgecl.core.durable import fsync_path, publish_dir, sha256_file, staging_dir, write_json_durable
 from edgecl.core.errors import EdgeclError
 from edgecl.core.formats import (
+    BUNDLE_FIX,
     Aggregation,
     BundleManifest,
     ClassesRef,
@@ -35,6 +37,8 @@ from edgecl.core.formats import (
     LearnerOutput,
     ModelEntry,
     SourceBundle,
+    check_output_path,
+    load_tensor_file,
     split_learner,
     unpack,
 )
@@ -94,8 +98,7 @@ def parity_images(manifest: BundleManifest, size: int, count: int, log: Callable
         val = Path(root) / "val" if (Path(root) / "val").is_dir() else Path(root)
         if val.is_dir():
             try:
-                imgs = load_calibration_images(val, size, count, cache_dir=data.get("cache_dir"),
-                                               what="bundle val data")
+                imgs = load_calibration_images(val, size, count, what="bundle val data")
                 return imgs, f"bundle val data {val} ({len(imgs)} images)"
             except EdgeclError as exc:
                 log(f"parity: bundle data unusable ({exc}); using generated images")
@@ -107,9 +110,14 @@ def parity_images(manifest: BundleManifest, size: int, count: int, log: Callable
 
 def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str] = None, calib_count: int = 256,
                   calib_method: str = "minmax", int8_weights: str = "s8-7bit", trt: bool = False, batch_range=None,
-                  parity_count: int = 128,
-                  workspace_mb: int = 1024, log: Callable = print) -> dict:
-    """Export ``bundle`` to the engine directory ``out``; returns its manifest."""
+                  parity_count: int = 128, workspace_mb: int = 1024, force: bool = False,
+                  log: Callable = print) -> dict:
+    """Export ``bundle`` to the engine directory ``out``; returns its manifest.
+
+    An existing engine directory at ``out`` is replaced; one that holds a device store (classes
+    enrolled on the device) only with ``force``: its store is first moved to a folder beside it
+    (:func:`set_store_aside`) and put back when the new engine has the same identity (same graph,
+    heads and statistics), else left there and said."""
     from safetensors.numpy import save_file
 
     from edgecl.device.heads import head_class, load_head
@@ -137,6 +145,13 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
     out = Path(out).resolve()
     if out.exists() and not is_engine_dir(out):
         raise EdgeclError(f"--out {out} exists and is not an engine directory; choose another path or remove it")
+    check_output_path(out.parent, "--out", parent_must_exist=False)  # not inside another engine directory
+    held = held_store(out)
+    if held and not force:
+        raise EdgeclError(f"--out {out} holds a device store ({held}): exporting would replace the engine its "
+                          f"classes were enrolled into; export to another directory, or pass --force (the store "
+                          f"is moved beside it first, and put back if the engine is unchanged)")
+    old_identity = _identity(out) if held else None
     start = time.perf_counter()
     learner, bm = load_learner(str(bundle))
     learners = list(learner.feature_models())
@@ -219,9 +234,47 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
             files=files,
         )
         write_json_durable(tmp / "manifest.json", manifest.to_json())
+        aside = set_store_aside(out, log) if held else None
         publish_dir(tmp, out)
+    if aside is not None:
+        if old_identity is not None and old_identity == manifest.identity():
+            os.replace(aside, out / "store")
+            fsync_path(out)
+            log(f"the engine is unchanged (same graph, heads and statistics): its store is back in {out / 'store'}")
+        else:
+            log(f"the device store enrolled into the previous engine is kept in {aside} (it does not fit the new "
+                f"engine; re-enroll the classes, or export that engine's bundle again to use it)")
     log(f"engine directory: {out} ({time.perf_counter() - start:.0f} s)")
     return manifest
+
+
+def _identity(engine_dir):
+    try:
+        return EngineManifest.read(engine_dir).identity()
+    except EdgeclError:
+        return None
+
+
+def held_store(engine_dir) -> str:
+    """What device state the engine directory's store holds ("" when none): its generations."""
+    store = Path(engine_dir) / "store"
+    gens = sorted(store.glob("gen-*.json")) if store.is_dir() else []
+    return f"{len(gens)} committed generation{'s' if len(gens) != 1 else ''} in {store}" if gens else ""
+
+
+def set_store_aside(engine_dir, log: Callable = print) -> Path:
+    """Move ``ENGINE_DIR/store`` to a new folder beside the directory (an atomic rename: the store
+    is in one place or the other at any instant) and say where."""
+    engine_dir = Path(engine_dir)
+    aside = engine_dir.parent / f"{engine_dir.name}.store-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = aside.with_name(f"{aside.name.split('~')[0]}~{n}")
+    os.replace(engine_dir / "store", aside)
+    fsync_path(engine_dir.parent)
+    log(f"moved the device store of {engine_dir} to {aside}")
+    return aside
 
 
 def _bundle_tensors(bundle) -> dict:
@@ -231,7 +284,7 @@ def _bundle_tensors(bundle) -> dict:
     for stem in ("heads", "stats"):
         f = Path(bundle) / f"{stem}.safetensors"
         if f.is_file():
-            out[stem] = load_file(str(f))
+            out[stem] = load_tensor_file(load_file, f, f"bundle {bundle}", BUNDLE_FIX)
     return out
 
 
@@ -245,6 +298,5 @@ def _calibration_frames(bm: BundleManifest, calib_data, calib_count: int, size: 
             raise EdgeclError("--precision int8 needs calibration images: the bundle's training data "
                               f"({bm.data_config.get('root')}) is not here; "
                               "pass --calib-data DIR (an ImageFolder)")
-    imgs = load_calibration_images(calib_data, size, calib_count,
-                                   cache_dir=bm.data_config.get("cache_dir"))
+    imgs = load_calibration_images(calib_data, size, calib_count)  # the cache the user set, never the bundle's
     return np.ascontiguousarray(imgs[..., ::-1]) if CHANNEL_ORDER == "BGR" else imgs

@@ -4,6 +4,7 @@ after each kill the store loads and every enrollment reported as committed is in
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,3 +69,65 @@ def test_store_survives_sigkill_50_times(tmp_path):
     ridge = final.heads["main"].ridge()
     fresh = ridge.solve_fresh()
     assert np.abs(ridge.W - fresh).max() <= 1e-3 * np.abs(fresh).max()  # the stored W matches its statistics
+
+
+def _kill_at_random(argv, seconds: float, rnd, env) -> subprocess.CompletedProcess:
+    """Run the CLI with ``argv`` and SIGKILL it after a random fraction of ``seconds``."""
+    code = f"from edgecl.cli import main; main({argv!r})"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env)
+    time.sleep(rnd.uniform(0.0, seconds))
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    return p
+
+
+def _classes_kept(eng: Path) -> set:
+    """Every class committed to the engine's store, wherever an export put it (its store, or a
+    store set aside beside it)."""
+    from edgecl.core.formats import EngineManifest
+    from edgecl.device.store import ClassStore, committed_generations, store_record
+
+    found = set()
+    for store in [eng / "store", *eng.parent.glob(f"{eng.name}.store-*")]:
+        if not committed_generations(store):
+            continue
+        state = ClassStore(store, store_record(store).engine, log=lambda m: None).load()
+        found |= {c.name for c in state.classes if c.uid is not None}
+    assert EngineManifest.read(eng)  # the engine directory itself is whole
+    return found
+
+
+def test_export_and_merge_killed_at_any_moment_lose_no_committed_class(tmp_path, monkeypatch):
+    """``export --force`` onto an engine directory with a store, and an in-place ``merge``, each
+    killed at random moments: the engine directory stays whole and every committed class is
+    still in a store (the engine's, or the one set aside beside it, as export says)."""
+    from helpers import TINY, invoke, make_imagefolder
+
+    from edgecl.device.runtime import Runtime
+
+    monkeypatch.setenv("EDGECL_CACHE", str(tmp_path / "cache"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    data = make_imagefolder(tmp_path / "data")
+    bundle, eng = tmp_path / "bundle", tmp_path / "eng"
+    assert invoke(["train", "--data", str(data), "--method", "ranpac", "--out", str(bundle), *TINY]).exit_code == 0
+    assert invoke(["export", str(bundle), "--out", str(eng)]).exit_code == 0
+    rt = Runtime(eng, "ort-cpu", log=lambda m: None)
+    frames = rt.fit(np.zeros((32, 32, 3), np.uint8))[None].repeat(4, 0)
+    frames[:, :16] = 200
+    rt.enroll_frames("kept", frames)
+    rt.heads.commit()
+    start = time.perf_counter()
+    assert invoke(["export", str(bundle), "--out", str(eng), "--force"]).exit_code == 0
+    export_s = time.perf_counter() - start
+    rnd = random.Random(7)
+    for _ in range(8):
+        _kill_at_random(["export", str(bundle), "--out", str(eng), "--force"], 1.5 * export_s + 1.0, rnd, env)
+        assert "kept" in _classes_kept(eng)
+    # merge in place, killed at random: the store stays loadable with its classes
+    store = next(s for s in [eng / "store", *tmp_path.glob("eng.store-*")] if (s / "gen-00000001.json").exists())
+    other = tmp_path / "other"
+    shutil.copytree(store, other)
+    for _ in range(10):
+        _kill_at_random(["merge", str(store), str(other), "--out", str(store)], 1.5, rnd, env)
+        assert "kept" in _classes_kept(eng)

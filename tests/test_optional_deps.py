@@ -93,7 +93,7 @@ def test_a_missing_module_deep_inside_a_command_is_translated_too(monkeypatch):
         raise ModuleNotFoundError("No module named 'onnx.helper'", name="onnx.helper")
 
     monkeypatch.setattr(ev, "evaluate_engine_dir", boom)
-    monkeypatch.setattr("edgecl.device.engine_dir.is_engine_dir", lambda p: True)
+    monkeypatch.setattr("edgecl.core.formats.artifact_format", lambda p: "edgecl-engine")
     res = CliRunner().invoke(cli, ["eval", "x", "--data", "d"])
     assert res.exit_code == 2
     assert res.output.strip() == "edgecl: error: " + missing_message("onnx.helper", "edgecl eval")
