@@ -22,6 +22,7 @@ SUITES = (
     "export",
     "device_video_parity",
     "enroll",
+    "serve",
 )
 
 

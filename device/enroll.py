@@ -121,17 +121,65 @@ class ClassHeads:
         store_path = Path(store_path) if store_path else default_store_path(engine_dir)
         check_output_path(store_path, "--store", store_ok=True, parent_must_exist=False)
         self.store = ClassStore(store_path, manifest.identity(), log)
+        self._policy = policy
+        self._stats = None  # the engine's class statistics, read on first use (base_stats)
         state = self.store.load()
         if state is None:
-            state = StoreState.initial(self.store.engine, class_names(engine_dir, manifest),
-                                       policy or DEFAULT_POLICY, {ln: h.width for ln, h in self.heads.items()})
+            state = self.initial_state()
         elif policy is not None and dict(policy) != state.policy:
             raise EdgeclError(f"store {self.store.path} uses the weighting {state.policy}; the requested {policy} "
                               f"would mix two weightings (start a new --store)")
+        self.use_state(state)
+
+    def initial_state(self) -> StoreState:
+        """Generation 0: the engine directory's classes, nothing enrolled (the store's weighting)."""
+        policy = self.state.policy if getattr(self, "state", None) is not None else (self._policy or DEFAULT_POLICY)
+        return StoreState.initial(self.store.engine, class_names(self.engine_dir, self.manifest), policy,
+                                  {ln: h.width for ln, h in self.heads.items()})
+
+    def use_state(self, state: StoreState) -> None:
+        """Serve ``state`` (not committed until :meth:`commit`): fresh heads from the engine's tensors bound to it."""
         self.state = state
-        self._stats = None
+        self.heads = {ln: type(h)(h.tensors) for ln, h in self.heads.items()}
         for ln, head in self.heads.items():
-            head.attach(StoreView(ln, state, lambda ln=ln: self.base_stats(ln), str(engine_dir), refactor_every, log))
+            head.attach(StoreView(ln, state, lambda ln=ln: self.base_stats(ln), str(self.engine_dir),
+                                  self.refactor_every, self.log))
+
+    def reload(self) -> None:
+        """Drop what was not committed and serve the store's newest generation (another process may
+        have committed since this one loaded)."""
+        self.use_state(self.store.load() or self.initial_state())
+
+    def history(self, limit: int | None = None) -> list:
+        """The store's generations newest first (:meth:`ClassStore.history`), with generation 0 (the
+        engine directory) last when the list reaches it; ``current`` marks the one served."""
+        items = self.store.history(limit)
+        if limit is None or len(items) < limit:
+            items.append({"generation": 0, "created": None, "ops": [{"op": "engine"}],
+                          "classes": len(class_names(self.engine_dir, self.manifest)), "enrolled": [], "rows": 0,
+                          "available": True, "reason": None})
+        for it in items:
+            it["current"] = it["generation"] == self.state.generation
+        return items
+
+    def rollback(self, generation: int, commit: bool = True):
+        """Commit generation ``generation``'s state again as a new generation (all-or-nothing; the
+        generations in between stay in the history), with the history entry ``{"op": "rollback",
+        "to": generation}``; returns the new generation's number (``commit=False``: serve that
+        state, the caller commits). Refused for the generation served and for one whose state is
+        not on disk (:meth:`ClassStore.state_at`). The state comes back exactly, tombstones
+        included: contributions it does not hold are not tombstoned, so merging with a store that
+        still holds them brings them back."""
+        if isinstance(generation, bool) or not isinstance(generation, int):
+            raise EdgeclError(f"rollback: the generation must be an integer, got {generation!r}")
+        if generation == self.state.generation:
+            raise EdgeclError(f"rollback: generation {generation} is the current one; nothing to roll back")
+        target = self.store.state_at(generation) or self.initial_state()
+        target.history = list(self.state.history) + [{"op": "rollback", "to": generation, "time": time.time()}]
+        target.next_uid = max(target.next_uid, self.state.next_uid)
+        target.generation = generation
+        self.use_state(target)
+        return self.commit() if commit else None
 
     @property
     def learners(self) -> dict:

@@ -6,6 +6,7 @@ written) of generations::
     gen-00000007.safetensors   the state (below)
     gen-00000007.json          commit record: generation, sha256 and size of the .safetensors,
                                the engine's identity; written last, so it is the commit point
+    history/                   every older generation (below)
     .lock                      one writer at a time (flock)
     corrupt-<UTC time>/        generations found unreadable, set aside (never deleted)
 
@@ -33,6 +34,21 @@ ids, derived from sha256 of the class name and the rows' bytes when it is read),
 takes the union of contributions by id and is idempotent and order-free. Removing an enrolled
 class keeps its contributions' ids as tombstones (``removed_contributions``), which a merge
 applies to every store.
+
+History (:meth:`ClassStore.history`, :meth:`ClassStore.state_at`): every committed generation
+is kept. The root holds the newest ``KEEP`` generation files (full states with the solved W:
+start-up needs no solve); a commit moves older ones into ``history/`` (renames where it used to
+delete: a commit writes nothing more than before). Loading the store (and ``edgecl serve`` after
+its changes) compacts them once ``COMPACT_EVERY`` generations (or ``COMPACT_BYTES``) wait there:
+one ``history/hist-NNNNNNNN.safetensors`` holds per generation an entry (:class:`~edgecl.core.formats.HistoryEntry`:
+number, time, the operations that made it, its classes and contributions; a few KB) and the rows
+of the contributions no earlier history file keeps, so rows are stored once however many
+generations hold them; it is written durably before the moved files are removed. Any generation
+can be restored (:meth:`ClassStore.state_at`; from a compacted entry without its W: the heads
+solve once), and a rollback is a new commit of an earlier state (:meth:`ClassHeads.rollback
+<edgecl.device.enroll.ClassHeads.rollback>`), so nothing is ever lost. The operations of a
+generation are what its state's ``history`` adds to the previous generation's. Stores written
+before history load as they are (their pruned generations were deleted and are not listed).
 """
 
 from __future__ import annotations
@@ -58,9 +74,25 @@ from edgecl.core.durable import (
     write_bytes_durable,
 )
 from edgecl.core.errors import EdgeclError, one_line
-from edgecl.core.formats import ClassEntry, Contribution, EngineIdentity, StoreMeta, StoreRecord
+from edgecl.core.formats import (
+    HISTORY_FORMAT,
+    HISTORY_VERSION,
+    ClassEntry,
+    Contribution,
+    EngineIdentity,
+    HistoryEntry,
+    RowsRef,
+    StoreMeta,
+    StoreRecord,
+)
+from edgecl.core.records import to_dict
 
-KEEP = 2
+KEEP = 2  # generation files kept in the store's root (every generation is kept in history/: module docstring)
+HISTORY = "history"  # the folder of the older generations
+COMPACT_EVERY = 8  # generations moved to history/ that loading the store compacts into one history file ...
+COMPACT_BYTES = 64 << 20  # ... or as many as hold this many bytes
+COMPACT_IN_COMMIT = 8  # a commit itself compacts only past this many times those (a writer that never reloads)
+_HIST = re.compile(r"^hist-(\d{8})\.safetensors$")
 _GEN = re.compile(r"^gen-(\d{8})\.json$")
 _GEN_FILE = re.compile(r"^gen-(\d{8})\.")
 SET_ASIDE = "corrupt-"  # prefix of the folders that hold unreadable generations
@@ -89,6 +121,54 @@ def committed_generations(path) -> list:
     if not path.is_dir():
         return []
     return sorted((int(m.group(1)) for f in path.iterdir() if (m := _GEN.match(f.name))), reverse=True)
+
+
+class StoreChanged(EdgeclError):
+    """Another process committed to the store since this one loaded it (reload and retry)."""
+
+
+class NoGeneration(EdgeclError):
+    """A generation number the store never reached."""
+
+
+class GenerationGone(EdgeclError):
+    """A generation the store had whose state is no longer on disk, or is damaged."""
+
+
+def read_history_header(path) -> list:
+    """The entries of a history file as plain JSON (its safetensors header only: the rows are not
+    read); raises ValueError or OSError when it is not one."""
+    meta = safetensors_metadata(path)
+    head = json.loads(meta["history"])
+    if not isinstance(head, dict) or head.get("format") != HISTORY_FORMAT or \
+            head.get("format_version") != HISTORY_VERSION or not isinstance(head.get("entries"), list):
+        raise ValueError(f"not an {HISTORY_FORMAT} v{HISTORY_VERSION} file")
+    return [e for e in head["entries"] if isinstance(e, dict) and isinstance(e.get("generation"), int)]
+
+
+def safetensors_metadata(path) -> dict:
+    """The ``__metadata__`` of a safetensors file, reading its header only."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("truncated")
+        (n,) = struct.unpack("<Q", head)
+        if n > 1 << 28:
+            raise ValueError("header too large")
+        meta = json.loads(f.read(n)).get("__metadata__")
+    if not isinstance(meta, dict):
+        raise ValueError("no metadata")
+    return meta
+
+
+def rows_sha256(block: dict) -> str:
+    """sha256 of a contribution's rows ({learner: float32 [k, width]}, in learner order)."""
+    h = hashlib.sha256()
+    for ln in sorted(block):
+        r = np.ascontiguousarray(block[ln], dtype="<f4")
+        h.update(f"{ln}\0{r.shape}\0".encode())
+        h.update(r.tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -224,13 +304,16 @@ class StoreState:
             self.contributions.append(Contribution(id=cid, uid=int(uid), rows=len(sel), time=first.get(name)))
 
     # ----------------------------------------------------------------- bytes
+    def meta(self) -> StoreMeta:
+        """The state's metadata (everything but the tensors), as the generation file holds it."""
+        return StoreMeta(generation=self.generation, engine=self.engine, classes=self.classes, policy=self.policy,
+                         removed_base=self.removed_base, next_uid=self.next_uid, history=self.history[-50:],
+                         contributions=self.contributions, removed_contributions=self.removed_contributions)
+
     def to_bytes(self) -> bytes:
         from safetensors.numpy import save
 
-        meta = StoreMeta(generation=self.generation, engine=self.engine, classes=self.classes, policy=self.policy,
-                         removed_base=self.removed_base, next_uid=self.next_uid, history=self.history[-50:],
-                         contributions=self.contributions,
-                         removed_contributions=self.removed_contributions).to_json()
+        meta = self.meta().to_json()
         tensors = {"row_uid": np.ascontiguousarray(self.row_uid, dtype=np.int64),
                    "row_contrib": np.ascontiguousarray(self.row_contrib, dtype=np.int64)}
         for ln, r in self.rows.items():
@@ -270,12 +353,16 @@ class ClassStore:
         self.path, self.engine, self.log = Path(path), engine, log
         self.seen_generation = 0  # the store's highest generation number when last loaded/committed
         self.unreadable: set = set()  # generations load() found unreadable (never deleted)
+        self.history_path = self.path / HISTORY
+        self._headers: dict = {}  # history file -> ((mtime, size), its entries)
+        self._verified: dict = {}  # (file, mtime, size) -> what checking it found (rows' sha256, a data sha256)
 
     def generations(self) -> list:
         return committed_generations(self.path)
 
-    def _files(self, gen: int) -> tuple:
-        return self.path / f"gen-{gen:08d}.safetensors", self.path / f"gen-{gen:08d}.json"
+    def _files(self, gen: int, folder: Optional[Path] = None) -> tuple:
+        folder = self.path if folder is None else folder
+        return folder / f"gen-{gen:08d}.safetensors", folder / f"gen-{gen:08d}.json"
 
     def _refuse_other_engine(self, engine: EngineIdentity) -> None:
         if engine != self.engine:
@@ -284,10 +371,10 @@ class ClassStore:
                               f"{str(self.engine.model_sha256)[:12]}...); use the engine directory it was made "
                               f"with, or pass another --store/--out")
 
-    def _record(self, gen: int) -> StoreRecord:
+    def _record(self, gen: int, folder: Optional[Path] = None) -> StoreRecord:
         """Generation ``gen``'s commit record; a damaged one raises ValueError (the caller falls back)."""
         try:
-            record = StoreRecord.read(self._files(gen)[1])
+            record = StoreRecord.read(self._files(gen, folder)[1])
         except EdgeclError as exc:
             raise ValueError(str(exc)) from None
         if record.generation != gen:
@@ -302,11 +389,13 @@ class ClassStore:
             return
         self._refuse_other_engine(record.engine)
 
-    def _read(self, gen: int, check_engine: bool = True, parse: bool = True) -> StoreState | None:
+    def _read(self, gen: int, check_engine: bool = True, parse: bool = True,
+              folder: Optional[Path] = None) -> StoreState | None:
         """Generation ``gen``'s state (``parse=False``: only check its record and its data's sha256,
-        return None); a damaged generation raises ValueError or OSError."""
-        data_file = self._files(gen)[0]
-        record = self._record(gen)
+        return None); a damaged generation raises ValueError or OSError. ``folder``: where its
+        files are (the root, or ``history/``)."""
+        data_file = self._files(gen, folder)[0]
+        record = self._record(gen, folder)
         if check_engine:
             self._refuse_other_engine(record.engine)
         data = data_file.read_bytes()
@@ -321,11 +410,11 @@ class ClassStore:
         state.generation = gen
         return state
 
-    def _unreadable(self, gen: int, parse: bool = True) -> Optional[str]:
+    def _unreadable(self, gen: int, parse: bool = True, folder: Optional[Path] = None) -> Optional[str]:
         """Why generation ``gen`` cannot be read (its record, its data against the record's sha256,
         and unless ``parse`` is False its state), or None when it can."""
         try:
-            self._read(gen, check_engine=False, parse=parse)
+            self._read(gen, check_engine=False, parse=parse, folder=folder)
         except Exception as exc:  # noqa: BLE001 - any failure to read makes it unreadable
             return one_line(exc)
         return None
@@ -337,16 +426,36 @@ class ClassStore:
         return [int(m.group(1)) for d in self.path.glob(f"{SET_ASIDE}*") if d.is_dir()
                 for f in d.iterdir() if (m := _GEN_FILE.match(f.name))]
 
-    def _high_water(self) -> int:
-        """The highest generation number the store has used (committed or set aside): the next
-        commit takes the number after it, so a number is never reused."""
-        return max([0, *self.generations()[:1], *self.set_aside_generations()])
+    def changed(self) -> bool:
+        """Whether the store's generations moved since this process last loaded or committed."""
+        return self._high_water() != self.seen_generation
 
-    def _set_aside(self, gens: list) -> Optional[Path]:
-        """Move the files of generations ``gens`` that are still there and still unreadable to a
-        fresh ``corrupt-<UTC time>/`` folder of the store (the caller holds the lock); one log line
-        names it. Nothing is deleted; a failure to move is logged and leaves the files in place."""
-        todo = [g for g in gens if any(f.exists() for f in self._files(g)) and self._unreadable(g) is not None]
+    def _high_water(self) -> int:
+        """The highest generation number the store has used (committed, kept in history/ or set
+        aside): the next commit takes the number after it, so a number is never reused."""
+        return max([0, *self.generations()[:1], *self.set_aside_generations(), *self._history_numbers()[:1]])
+
+    def _history_numbers(self) -> list:
+        """Generation numbers in history/ (moved generations, and the newest of each history
+        file), newest first."""
+        if not self.history_path.is_dir():
+            return []
+        return sorted((int(m.group(1)) for f in self.history_path.iterdir()
+                       if (m := _GEN.match(f.name) or _HIST.match(f.name))), reverse=True)
+
+    def _moved(self) -> list:
+        """Generations moved to history/ (their files, not yet compacted), oldest first."""
+        if not self.history_path.is_dir():
+            return []
+        return sorted(int(m.group(1)) for f in self.history_path.iterdir() if (m := _GEN.match(f.name)))
+
+    def _set_aside(self, gens: list, where: Optional[Path] = None) -> Optional[Path]:
+        """Move the files of generations ``gens`` (in ``where``: the root, or history/) that are
+        still there and still unreadable to a fresh ``corrupt-<UTC time>/`` folder of the store
+        (the caller holds the lock); one log line names it. Nothing is deleted; a failure to move
+        is logged and leaves the files in place."""
+        todo = [g for g in gens if any(f.exists() for f in self._files(g, where))
+                and self._unreadable(g, folder=where) is not None]
         if not todo:
             return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -361,11 +470,13 @@ class ClassStore:
             else:
                 raise FileExistsError(f"{folder} and 998 others like it exist")
             for g in todo:
-                for f in self._files(g):  # the data first: a record left behind is still seen as unreadable
+                for f in self._files(g, where):  # the data first: a record left behind is still seen as unreadable
                     if f.exists():
                         os.replace(f, folder / f.name)
             fsync_path(folder)
             fsync_path(self.path)
+            if where is not None:
+                fsync_path(where)
         except OSError as exc:
             self.log(f"store {self.path}: could not set aside the unreadable generation(s) "
                      f"{', '.join(map(str, todo))} ({one_line(exc)}); they stay where they are")
@@ -398,6 +509,8 @@ class ClassStore:
                          f"({one_line(exc)}); they stay where they are")
         if gens and state is None:
             self.log(f"store {self.path}: no generation is readable; starting from the engine directory")
+        if self.needs_compaction():
+            self.compact()
         self.seen_generation = self._high_water()
         return state
 
@@ -417,14 +530,16 @@ class ClassStore:
     def _commit(self, state: StoreState, expect_generation: int | None) -> int:
         self.path.mkdir(parents=True, exist_ok=True)
         with FileLock(self.path / ".lock"):
-            remove_stale_tmp(self.path)
+            for folder in (self.path, self.history_path):
+                if folder.is_dir():
+                    remove_stale_tmp(folder)
             gens = self.generations()
             latest = self._high_water()
             if gens:
                 self._check_engine(gens[0])
             if expect_generation is not None and latest != expect_generation:
-                raise EdgeclError(f"store {self.path} changed while this process worked (generation {latest}, "
-                                  f"expected {expect_generation}); run the command again")
+                raise StoreChanged(f"store {self.path} changed while this process worked (generation {latest}, "
+                                   f"expected {expect_generation}); run the command again")
             gen = latest + 1
             state.generation, state.engine = gen, self.engine
             data = state.to_bytes()
@@ -443,28 +558,347 @@ class ClassStore:
         return gen
 
     def _prune(self, newest: int) -> None:
-        """Keep the newest ``KEEP`` committed generations (``newest`` among them); remove older ones
-        and orphans (a data file without its record: an interrupted commit). A committed generation
-        whose record or data is damaged (the sha256 check; its state is not parsed again) is set
-        aside instead (:meth:`_set_aside`), never deleted."""
+        """Keep the newest ``KEEP`` committed generation files (``newest`` among them) in the root;
+        move older ones into history/ (renames: nothing is deleted) and compact history/ when
+        enough waits there (:meth:`_compact`); remove orphans (a data file without its record: an
+        interrupted commit). A committed generation whose record or data is damaged (the sha256
+        check) is set aside instead (:meth:`_set_aside`), never deleted."""
         keep = {newest, *self.generations()[:KEEP]}
         old: dict = {}
         for f in self.path.glob("gen-*"):
             m = _GEN_FILE.match(f.name)
             if m and int(m.group(1)) not in keep:
                 old.setdefault(int(m.group(1)), []).append(f)
-        removed, unreadable = False, []
+        changed, unreadable = False, []
         for gen, files in sorted(old.items()):
-            if self._files(gen)[1].exists() and (gen in self.unreadable or self._unreadable(gen, parse=False)):
-                unreadable.append(gen)  # committed, but its bytes are not what was committed
-                continue
-            for f in files:
-                f.unlink()
-                removed = True
+            data_file, record_file = self._files(gen)
+            if record_file.exists():
+                if gen in self.unreadable or self._unreadable(gen, parse=False):
+                    unreadable.append(gen)  # committed, but its bytes are not what was committed
+                    continue
+                self.history_path.mkdir(exist_ok=True)
+                os.replace(record_file, self.history_path / record_file.name)  # the record first: a data file
+                os.replace(data_file, self.history_path / data_file.name)  # left behind is moved next time
+            elif (self.history_path / record_file.name).exists() and data_file.exists():
+                os.replace(data_file, self.history_path / data_file.name)  # a move cut short
+            else:
+                for f in files:
+                    f.unlink()  # an interrupted commit's data
+            changed = True
         if unreadable:
             self._set_aside(unreadable)
-        if removed:
+        if changed:
             fsync_path(self.path)
+        if self.needs_compaction(COMPACT_IN_COMMIT):
+            self._compact()
+
+    # ----------------------------------------------------------------- history
+    def _history_files(self) -> list:
+        """The history files, newest first."""
+        if not self.history_path.is_dir():
+            return []
+        return sorted((f.name for f in self.history_path.iterdir() if _HIST.match(f.name)), reverse=True)
+
+    def _entries(self, name: str) -> list:
+        """The entries (plain JSON) of history file ``name`` ([] when it cannot be read), read once
+        per version of the file."""
+        f = self.history_path / name
+        try:
+            st = f.stat()
+            version = (st.st_mtime_ns, st.st_size)
+            if self._headers.get(name, (None,))[0] != version:
+                self._headers[name] = (version, read_history_header(f))
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        return self._headers[name][1]
+
+    def _all_entries(self) -> dict:
+        """{generation: (history file, entry)} over every history file (the newest file wins)."""
+        out: dict = {}
+        for name in self._history_files():
+            for e in self._entries(name):
+                out.setdefault(e["generation"], (name, e))
+        return out
+
+    def needs_compaction(self, factor: int = 1) -> bool:
+        """Whether ``factor`` times ``COMPACT_EVERY`` generations (or ``COMPACT_BYTES``) wait in history/."""
+        moved = self._moved()
+        if len(moved) >= factor * COMPACT_EVERY:
+            return True
+        size = 0
+        for g in moved:
+            for f in self._files(g, self.history_path):
+                try:
+                    size += f.stat().st_size
+                except OSError:
+                    pass
+        return bool(moved) and size >= factor * COMPACT_BYTES
+
+    def compact(self) -> None:
+        """Compact history/ (:meth:`_compact`) under the store's lock; a store this process may not
+        write is left as it is (one log line)."""
+        if not self._moved():
+            return
+        try:
+            with FileLock(self.path / ".lock"):
+                self._compact()
+        except OSError as exc:
+            self.log(f"store {self.path}: could not compact its history ({one_line(exc)}); it stays as it is")
+
+    def _compact(self) -> None:
+        """Compact the generations moved to history/ into one history file (the caller holds the
+        lock): per generation an entry, and the rows of the contributions no history file keeps
+        yet. The file is written durably before the moved files are removed; a moved generation
+        that does not read is set aside. Loading the store compacts once ``COMPACT_EVERY`` of
+        them (or ``COMPACT_BYTES``) wait; a commit only past ``COMPACT_IN_COMMIT`` times that, so
+        commits stay as fast as they were."""
+        from safetensors.numpy import save
+
+        moved = self._moved()
+        if not moved:
+            return
+        done = self._all_entries()
+        homes: dict = {}
+        for _file, e in done.values():
+            for cid, ref in (e.get("rows") or {}).items():
+                if isinstance(ref, dict) and isinstance(ref.get("file"), str) and _HIST.match(ref["file"]) and \
+                        (self.history_path / ref["file"]).is_file():
+                    homes.setdefault(cid, ref)
+        todo = [g for g in moved if g not in done]
+        name = f"hist-{max(todo or moved):08d}.safetensors"
+        if todo and (self.history_path / name).exists():  # never replace a history file
+            self.log(f"store {self.path}: {name} exists but lacks generations {todo}; they stay in history/ "
+                     f"as they are")
+            return
+        before = [g for g in done if g < min(moved)]
+        previous = done[max(before)][1]["state"].get("history") if before else None
+        entries, tensors, bad, kept = [], {}, [], 0
+        for g in todo:
+            try:
+                record = self._record(g, self.history_path)
+                meta, blocks, widths = self._contributions_of(g)
+            except Exception:  # noqa: BLE001 - damaged since it was moved: set aside below
+                bad.append(g)
+                continue
+            rows = {}
+            for c in meta["contributions"]:
+                ref = homes.get(c["id"])
+                if ref is None:
+                    block = blocks[c["id"]]
+                    key, kept = f"r{kept}", kept + 1
+                    tensors.update({f"{key}.{ln}": b for ln, b in block.items()})
+                    ref = homes[c["id"]] = to_dict(RowsRef(name, key, rows_sha256(block)))
+                rows[c["id"]] = ref
+            cumulative = meta.get("history") or []
+            ops = [h for h in cumulative if h not in previous] if isinstance(previous, list) else cumulative[-1:]
+            previous = cumulative
+            entries.append({"generation": g, "created": record.created, "sha256": record.sha256,
+                            "bytes": record.bytes, "state": {**meta, "generation": g}, "widths": widths, "rows": rows,
+                            "ops": ops})
+        if entries:
+            head = {"format": HISTORY_FORMAT, "format_version": HISTORY_VERSION, "entries": entries}
+            write_bytes_durable(self.history_path / name, save(tensors, metadata={"history": json.dumps(head)}))
+        if bad:
+            self._set_aside(bad, self.history_path)
+        for g in moved:
+            if g not in bad:
+                for f in self._files(g, self.history_path):
+                    if f.exists():
+                        f.unlink()
+        fsync_path(self.history_path)
+
+    def _contributions_of(self, gen: int) -> tuple:
+        """(metadata as plain JSON, {contribution id: {learner: rows}}, {learner: width}) of moved
+        generation ``gen``, its data checked against its record (the compaction's fast path; a
+        store written before contribution ids is read through :meth:`StoreState.from_bytes`)."""
+        from safetensors.numpy import load
+
+        data_file = self._files(gen, self.history_path)[0]
+        record = self._record(gen, self.history_path)
+        data = data_file.read_bytes()
+        if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
+            raise ValueError(f"{data_file.name} does not match its record")
+        t = load(data)
+        meta = json.loads(safetensors_metadata(data_file)["state"])
+        if "row_contrib" not in t or not meta.get("contributions"):
+            state = StoreState.from_bytes(data, str(data_file))
+            meta, t = state.meta().to_json(), {"row_contrib": state.row_contrib,
+                                               **{f"{ln}.rows": r for ln, r in state.rows.items()}}
+        learners = sorted(k[:-len(".rows")] for k in t if k.endswith(".rows"))
+        order = np.argsort(t["row_contrib"], kind="stable")
+        bounds = np.searchsorted(t["row_contrib"][order], np.arange(len(meta["contributions"]) + 1))
+        blocks = {c["id"]: {ln: np.ascontiguousarray(t[f"{ln}.rows"][order[bounds[i]:bounds[i + 1]]], dtype=np.float32)
+                            for ln in learners} for i, c in enumerate(meta["contributions"])}
+        return meta, blocks, {ln: int(t[f"{ln}.rows"].shape[1]) for ln in learners}
+
+    def _rows_of_file(self, name: str) -> dict:
+        """{key: sha256 of its rows} of history file ``name`` ({} when it cannot be read)."""
+        from safetensors.numpy import load
+
+        f = self.history_path / name
+        try:
+            st = f.stat()
+        except OSError:
+            return {}
+        key = (str(f), st.st_mtime_ns, st.st_size)
+        if key not in self._verified:
+            blocks: dict = {}
+            try:
+                for tname, t in load(f.read_bytes()).items():
+                    k, _, ln = tname.partition(".")
+                    blocks.setdefault(k, {})[ln] = t
+            except Exception:  # noqa: BLE001 - a damaged file keeps no rows
+                blocks = {}
+            self._verified[key] = {k: rows_sha256(b) for k, b in blocks.items()}
+        return self._verified[key]
+
+    def _rows_missing(self, entry: dict) -> Optional[str]:
+        """Why the state of ``entry`` (plain JSON) cannot be rebuilt from the history files (rows
+        missing or damaged), or None."""
+        rows = entry.get("rows")
+        contributions = (entry.get("state") or {}).get("contributions")
+        if not isinstance(rows, dict) or not isinstance(contributions, list):
+            return "its history entry is damaged"
+        for c in contributions:
+            cid = c.get("id") if isinstance(c, dict) else None
+            ref = rows.get(cid) if isinstance(cid, str) else None
+            if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or not _HIST.match(ref["file"]):
+                return "its history entry is damaged"
+            if self._rows_of_file(ref["file"]).get(ref.get("key")) != ref.get("sha256"):
+                return f"the rows of contribution {cid[:8]}... ({ref['file']}) are missing or damaged"
+        return None
+
+    def _full_ok(self, gen: int, folder: Path) -> Optional[dict]:
+        """The metadata of generation ``gen``'s file in ``folder`` (plain JSON) when its record reads
+        and its data matches it (hashed once per version of the file), else None."""
+        try:
+            record = self._record(gen, folder)
+            data_file = self._files(gen, folder)[0]
+            st = data_file.stat()
+            key = (str(data_file), st.st_mtime_ns, st.st_size)
+            if key not in self._verified:
+                self._verified[key] = sha256_file(data_file)
+            if st.st_size != record.bytes or self._verified[key] != record.sha256:
+                return None
+            meta = json.loads(safetensors_metadata(data_file)["state"])
+            return {"created": record.created, "state": meta} if isinstance(meta, dict) else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def history(self, limit: Optional[int] = None) -> list:
+        """The store's generations newest first (at most ``limit``), each a dict: ``generation``,
+        ``created`` (UTC), ``ops`` (what the commit changed: ``{"op": "enroll" | "rename" |
+        "remove" | "rollback" | "merge", ...}``), ``classes`` (how many), ``enrolled`` (the
+        enrolled classes' names), ``rows``, ``available`` (its state is on disk: a rollback can
+        restore it) with ``reason`` when not. Generation 0 (the engine directory) is not listed.
+        Read-only: it takes no lock."""
+        high = self._high_water()
+        full = {g: self.path for g in self.generations()}
+        for g in self._moved():
+            full.setdefault(g, self.history_path)
+        entries = self._all_entries()
+        numbers = sorted({n for n in set(full) | set(entries) if 0 < n <= high}, reverse=True)[:limit]
+        items = []
+        for n in numbers:
+            item = {"generation": n, "created": None, "ops": None, "classes": None, "enrolled": [], "rows": None,
+                    "available": False, "reason": None}
+            found = self._full_ok(n, full[n]) if n in full else None
+            source = found if found is not None else (entries[n][1] if n in entries else None)
+            try:
+                meta = source["state"]
+                uids = {c["uid"] for c in meta["classes"] if c.get("uid") is not None}
+                item.update(created=source.get("created"), classes=len(meta["classes"]),
+                            enrolled=[c["name"] for c in meta["classes"] if c.get("uid") is not None],
+                            rows=sum(c["rows"] for c in meta.get("contributions") or [] if c.get("uid") in uids),
+                            _history=list(meta.get("history") or []))
+            except (TypeError, KeyError, AttributeError):
+                item["reason"] = "no record of it is readable (damaged)"
+                items.append(item)
+                continue
+            if found is None and isinstance(source.get("ops"), list):
+                item["ops"] = source["ops"]
+            missing = None if found is not None else self._rows_missing(source)
+            item["available"], item["reason"] = missing is None, missing
+            items.append(item)
+        for i, it in enumerate(items):
+            cumulative = it.pop("_history", None) or []
+            if it["ops"] is None:  # the difference from the next older generation's history
+                older = items[i + 1].get("_history") if i + 1 < len(items) else None
+                it["ops"] = [h for h in cumulative if h not in older] if older is not None else cumulative[-1:]
+        return items
+
+    def state_at(self, gen: int) -> Optional[StoreState]:
+        """Generation ``gen``'s state: from its file while it has one (with its solved W), else
+        rebuilt from its history entry and the contributions' rows (no W). None for generation 0
+        (the engine directory's own state). :class:`NoGeneration` for a number the store never
+        reached, :class:`GenerationGone` for one whose state is not on disk or is damaged."""
+        high = self._high_water()
+        if gen < 0 or gen > high:
+            raise NoGeneration(f"store {self.path} has no generation {gen} (its generations are 0 to {high})")
+        if gen == 0:
+            return None
+        for folder in (self.path, self.history_path):
+            if self._files(gen, folder)[1].exists():
+                try:
+                    return self._read(gen, folder=folder)
+                except EdgeclError:
+                    raise
+                except Exception:  # noqa: BLE001 - damaged file: a history entry may still rebuild it
+                    pass
+        found = self._all_entries().get(gen)
+        if found is None:
+            raise GenerationGone(f"generation {gen} of store {self.path} is no longer on disk (it was pruned before "
+                                 f"edgecl kept every generation, or is damaged)")
+        name, raw = found
+        source = f"{self.history_path / name}, generation {gen}"
+        try:
+            entry = HistoryEntry.parse(raw, source)
+        except EdgeclError as exc:
+            raise GenerationGone(str(exc)) from None
+        self._refuse_other_engine(entry.state.engine)
+        return self._rebuild(entry, source)
+
+    def _rebuild(self, entry: HistoryEntry, source: str) -> StoreState:
+        from safetensors.numpy import load
+
+        meta = entry.state
+        files: dict = {}
+        rows: dict = {ln: [] for ln in entry.widths}
+        uids, contribs = [], []
+
+        def gone(why: str) -> GenerationGone:
+            return GenerationGone(f"generation {entry.generation} of store {self.path} cannot be rebuilt: {why}")
+
+        for i, c in enumerate(meta.contributions):
+            ref = entry.rows.get(c.id)
+            if ref is None or not _HIST.match(ref.file):
+                raise gone(f"its entry does not say where the rows of contribution {c.id[:8]}... are")
+            if ref.file not in files:
+                try:
+                    files[ref.file] = load((self.history_path / ref.file).read_bytes())
+                except Exception as exc:  # noqa: BLE001 - missing or damaged
+                    raise gone(f"{ref.file} cannot be read ({one_line(exc)})") from None
+            block = {ln: files[ref.file].get(f"{ref.key}.{ln}") for ln in entry.widths}
+            if any(b is None or b.shape != (c.rows, entry.widths[ln]) for ln, b in block.items()) or \
+                    rows_sha256(block) != ref.sha256:
+                raise gone(f"the rows of contribution {c.id[:8]}... ({ref.file}) are missing or damaged")
+            for ln, b in block.items():
+                rows[ln].append(b.astype(np.float32))
+            uids.append(np.full(c.rows, c.uid, np.int64))
+            contribs.append(np.full(c.rows, i, np.int64))
+        state = StoreState(engine=meta.engine, classes=list(meta.classes), policy=dict(meta.policy),
+                           removed_base=list(meta.removed_base), generation=entry.generation, next_uid=meta.next_uid,
+                           history=list(meta.history), contributions=list(meta.contributions),
+                           removed_contributions=list(meta.removed_contributions),
+                           rows={ln: (np.concatenate(v) if v else np.zeros((0, entry.widths[ln]), np.float32))
+                                 for ln, v in rows.items()},
+                           row_uid=np.concatenate(uids) if uids else np.zeros(0, np.int64),
+                           row_contrib=np.concatenate(contribs) if contribs else np.zeros(0, np.int64))
+        try:
+            state.check_contributions(source)
+        except EdgeclError as exc:
+            raise GenerationGone(str(exc)) from None
+        return state
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.glob("gen-*")) if self.path.is_dir() else 0

@@ -17,6 +17,7 @@ TRAIN = LOAD_BUNDLE + ("matplotlib",)
 EXPORT = LOAD_BUNDLE + ("onnx", "onnxruntime")
 ENGINE = ("onnxruntime",)
 DEVICE = ("cv2", "onnxruntime")
+SERVE = DEVICE + ("starlette", "uvicorn", "python_multipart")
 DEMO = TRAIN + ("sklearn", "scipy", "onnx") + DEVICE
 
 
@@ -300,6 +301,51 @@ def run(engine_dir, source, headless, jsonl, max_frames, top_k, unknown_below, e
                            unknown_below=unknown_below, enroll_frames=enroll_frames, enroll_name=enroll_name,
                            log=click.echo)
     click.echo(json.dumps(summary))
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path())
+@click.option("--source", required=True, help="/dev/videoN, N, csi://N, rtsp://..., a video file or an image folder "
+                                              "(files and folders play in a loop).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; beyond loopback a token is required (generated if not given).")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port to listen on (0: any free one).")
+@click.option("--token", envvar="EDGECL_SERVE_TOKEN", show_envvar=True,
+              help="What state-changing calls must send as 'Authorization: Bearer TOKEN'.")
+@click.option("--top-k", type=int, default=3, show_default=True)
+@click.option("--unknown-below", type=float, help="Show 'unknown' when the top score is below this.")
+@click.option("--fps", type=float, help="Frame rate of a video file or image folder (default: the video's, else 15).")
+@click.option("--max-images", type=int, default=100, show_default=True,
+              help="Images (or camera frames) one enrollment may take.")
+@click.option("--max-upload-mb", type=int, default=64, show_default=True, help="Largest request body.")
+@_BACKEND
+@_STORE
+def serve(engine_dir, source, host, port, token, top_k, unknown_below, fps, max_images, max_upload_mb, backend, store):
+    """The board's web page and HTTP API: live view, enroll, rename/remove, history, rollback.
+
+    Runs the camera loop and serves http://HOST:PORT/ (docs/SERVE.md). Loopback only unless
+    --host says otherwise, and then every state-changing call needs the token."""
+    require_all(SERVE, "edgecl serve")
+    from .device.runtime import Runtime
+    from .device.serve import serve as run_server
+    from .device.sources import open_source, parse_source
+
+    at_least("--top-k", top_k, 1)
+    at_least("--max-images", max_images, 1)
+    at_least("--max-upload-mb", max_upload_mb, 1)
+    at_least("--port", port, 0)
+    if port > 65535:
+        raise EdgeclError(f"--port {port}: must be 65535 or less")
+    if fps is not None and not 0.1 <= fps <= 240:
+        raise EdgeclError(f"--fps {fps}: must be from 0.1 to 240")
+    parse_source(source)  # a bad --source fails before the engine loads
+    rt = Runtime(engine_dir, backend, store=store, log=click.echo)
+
+    def reopen():
+        return open_source(source, size=rt.size, log=click.echo)
+
+    run_server(rt, reopen(), reopen, host=host, port=port, token=token, k=top_k, unknown_below=unknown_below,
+               fps=fps, max_images=max_images, max_upload_mb=max_upload_mb, log=click.echo)
 
 
 @cli.command()

@@ -245,3 +245,133 @@ def runtime(eng, **kw):
 
     return Runtime(eng, "ort-cpu", **{**QUIET, **kw})
 
+
+
+# ----------------------------------------------------------------------------- edgecl serve
+
+def write_video(path, frames, fps: float = 15.0) -> Path:
+    """uint8 BGR ``frames`` [N, H, W, 3] as a lossless (FFV1) .avi."""
+    import cv2
+
+    path = Path(path)
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, (frames.shape[2], frames.shape[1]))
+    for f in frames:
+        w.write(np.ascontiguousarray(f))
+    w.release()
+    return path
+
+
+def serve_process(eng, source, *args, env=None, timeout: float = 60.0):
+    """``edgecl serve ENGINE --source SOURCE --port 0 ARGS`` in a subprocess; returns (process,
+    base URL, token or None) once it listens (its output up to then is in ``process.lines``)."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; from edgecl.cli import main; "
+            f"main(['serve', {str(eng)!r}, '--source', {str(source)!r}, '--port', '0', '--backend', 'ort-cpu', "
+            f"*{list(map(str, args))!r}])")
+    p = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    p.lines, url, token = [], None, None
+    end = time.monotonic() + timeout
+    while url is None:
+        line = p.stdout.readline()
+        if not line:
+            p.wait(5)
+            raise AssertionError("edgecl serve exited before listening:\n" + "".join(p.lines))
+        p.lines.append(line)
+        if line.startswith("token: "):
+            token = line.split()[1]
+        if line.startswith("edgecl serve: http://"):
+            url = line.split()[2].rstrip("/")
+        if time.monotonic() > end:
+            p.kill()
+            raise AssertionError("edgecl serve did not listen in time:\n" + "".join(p.lines))
+    if token is None and "--token" in args:
+        token = args[list(args).index("--token") + 1]
+    return p, url, token
+
+
+def http(method: str, url: str, body=None, token=None, headers=None, timeout: float = 60.0):
+    """One HTTP request with the standard library: (status, headers, body bytes); a dict body is
+    sent as JSON."""
+    import json as _json
+    import urllib.error
+    import urllib.request
+
+    headers = dict(headers or {})
+    if isinstance(body, dict):
+        body = _json.dumps(body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as res:
+            return res.status, dict(res.headers), res.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def multipart(fields: dict, files: list) -> tuple:
+    """(body, content type) of a multipart/form-data request: ``fields`` {name: text}, ``files``
+    [(field, file name, bytes)]."""
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    out = b""
+    for k, v in fields.items():
+        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n").encode()
+    for field_name, fname, data in files:
+        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field_name}\"; filename=\"{fname}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def png_bytes(frame) -> bytes:
+    """A BGR frame as PNG bytes."""
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(frame))
+    assert ok
+    return buf.tobytes()
+
+
+class ServeThread:
+    """``edgecl serve``'s pieces in this process (uvicorn in a thread, on 127.0.0.1, any port):
+    the runtime of ``eng`` (ONNX Runtime CPU), a :class:`~edgecl.device.serve.camera.Camera` on
+    ``open_source()``, the service and the app with ``token`` / ``loopback_only`` as a bind to a
+    non-loopback host would set them. ``url``, ``rt``, ``camera``, ``service``; ``stop()``."""
+
+    def __init__(self, eng, open_source, token=None, loopback_only=True, fps=30.0, log=None, **service_kw):
+        import threading
+        import time
+
+        import uvicorn
+
+        from edgecl.device.serve import listen, url_of
+        from edgecl.device.serve.app import create_app
+        from edgecl.device.serve.camera import Camera
+        from edgecl.device.serve.service import Service
+
+        quiet = log or (lambda m: None)
+        self.rt = runtime(eng, log=quiet)
+        self.camera = Camera(self.rt, open_source, fps=fps, reconnect_s=0.2, log=quiet)
+        self.service = Service(self.rt, self.camera, token_required=token is not None, log=quiet, **service_kw)
+        app = create_app(self.service, token=token, loopback_only=loopback_only)
+        sock = listen("127.0.0.1", 0)
+        self.url = url_of(sock).rstrip("/")
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        self.camera.start()
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        end = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < end, "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.camera.stop()

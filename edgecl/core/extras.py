@@ -1,9 +1,10 @@
 """Optional dependencies: which pip extra brings each one, and the one-line message when it is missing.
 
 The base install is the torch-free core and the CLI; ``edgecl[device]`` adds the device
-runtime's OpenCV, ONNX Runtime and SciPy; ``edgecl[train]`` adds the trainer and the exporter
-(and the device runtime, for ``edgecl demo``); ``edgecl[trt]`` adds TensorRT (on a Jetson it
-comes with JetPack instead). Standard library only.
+runtime's OpenCV, ONNX Runtime and SciPy, and Starlette, uvicorn and python-multipart for
+``edgecl serve``; ``edgecl[train]`` adds the trainer and the exporter (and the device runtime,
+for ``edgecl demo``); ``edgecl[trt]`` adds TensorRT (on a Jetson it comes with JetPack
+instead). Standard library only.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ OPTIONAL = {
     "cv2": ("OpenCV", "device", "opencv-python-headless"),
     "onnxruntime": ("ONNX Runtime", "device", "onnxruntime"),
     "scipy": ("SciPy", "device", "scipy"),
+    "starlette": ("Starlette", "device", "starlette"),
+    "uvicorn": ("uvicorn", "device", "uvicorn"),
+    "python_multipart": ("python-multipart", "device", "python-multipart"),
     "tensorrt": ("TensorRT", "trt", "tensorrt"),
 }
 

@@ -484,3 +484,41 @@ class StoreMeta:
 
     def to_json(self) -> dict:
         return to_dict(self)
+
+
+# ----------------------------------------------------------------------------- the store's history
+
+HISTORY_FORMAT = "edgecl-store-history"
+HISTORY_VERSION = 1
+
+
+@dataclass
+class RowsRef:
+    """Where a contribution's rows are kept: history ``file`` (``hist-NNNNNNNN.safetensors``),
+    tensors ``<key>.<learner>``; ``sha256``: of the rows (:func:`edgecl.device.store.rows_sha256`)."""
+
+    file: str
+    key: str
+    sha256: str
+
+
+@dataclass
+class HistoryEntry:
+    """One generation in a store's history file (:mod:`edgecl.device.store`): ``sha256`` / ``bytes`` of its
+    generation file, ``created`` (its record's time), ``state``: its metadata as in the
+    generation file, ``widths``: per learner, the width of its rows, ``rows``: per contribution
+    id, where its rows are kept, ``ops``: what its history adds to the previous generation's."""
+
+    generation: int
+    created: str
+    sha256: str
+    bytes: int
+    state: StoreMeta
+    widths: Dict[str, int]
+    rows: Dict[str, RowsRef]
+    ops: List[Dict[str, Any]] = field(default_factory=list)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: Any, source: str) -> "HistoryEntry":
+        return from_dict(cls, data, source, "the store's history file is damaged")
