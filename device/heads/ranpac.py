@@ -83,7 +83,8 @@ class RanPACHead(Head):
             raise EdgeclError(f"engine directory {self.view.engine_dir} has no class statistics for learner "
                               f"{self.view.learner!r} (stats.safetensors: G, Q); enrollment needs them: re-export "
                               f"from a RanPAC/SAFE bundle")
-        G, Q = np.asarray(stats["G"], np.float64), np.asarray(stats["Q"], np.float64)
+        # copies: the ridge adds the enrolled rows into G, and the loader's arrays are shared
+        G, Q = np.array(stats["G"], np.float64), np.array(stats["Q"], np.float64)
         counts = stats.get("counts")
         if counts is None:
             counts = estimate_class_counts(G, Q, G.shape[0]) if self.W_rand is not None else np.ones(Q.shape[1])
