@@ -19,6 +19,7 @@ SUITES = (
     "slca_ordering",
     "imagenet_top1",
     "channels_last",
+    "train_throughput",
     "export",
     "device_video_parity",
     "enroll",

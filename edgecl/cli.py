@@ -116,6 +116,10 @@ def train(data, val_data, dataset, method, profile, backbone, weights, pretraine
     from .train import train as run_train
 
     metrics = run_train(cfg, out, progress=not no_progress, force=force, log=click.echo)
+    from .distributed import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 speaks for the run
+        return
     click.echo(f"A_last {metrics['A_last']:.2f}  A_avg {metrics['A_avg']:.2f}  "
                f"forgetting {metrics['forgetting']:.2f}  ({metrics['time_s']:.0f} s: learning "
                f"{metrics['learn_s']:.0f} s, per-session test {metrics['eval_s']:.0f} s)")

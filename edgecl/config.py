@@ -95,6 +95,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    precision: str = field(default="fp32", metadata=_choices("fp32", "bf16"))  # bf16: autocast of training steps
+    compile: bool = False  # torch.compile the models being trained (a GPU option: minutes of compiling first)
 
 
 @dataclass

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import SINGLE
+
 
 class CosineHead(nn.Module):
     """Cosine classifier: logits = sigma * cos(f, w_c), with a learnable scale sigma.
@@ -44,14 +46,21 @@ class Prototypes:
     def num_classes(self) -> int:
         return self.sums.shape[0]
 
-    def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        n_cls = int(labels.max()) + 1 if len(labels) else 0
+    def add(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int = 0, dist=SINGLE) -> None:
+        """Add the features' sums and counts per class. Under torchrun each rank passes its part
+        of the images and the increments are summed over the ranks (``dist``); ``num_classes``
+        makes every rank grow alike whatever labels its part holds."""
+        n_cls = max(num_classes, int(labels.max()) + 1 if len(labels) else 0)
         if n_cls > self.num_classes:
             grow = n_cls - self.num_classes
             self.sums = torch.cat([self.sums, self.sums.new_zeros(grow, self.sums.shape[1])])
             self.counts = torch.cat([self.counts, self.counts.new_zeros(grow)])
-        self.sums.index_add_(0, labels, features.double())
-        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        sums, counts = torch.zeros_like(self.sums), torch.zeros_like(self.counts)
+        sums.index_add_(0, labels, features.double())
+        counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        dist.sum(sums, counts)
+        self.sums += sums
+        self.counts += counts
 
     def means(self) -> torch.Tensor:
         return (self.sums / self.counts.clamp(min=1).unsqueeze(1)).float()
@@ -117,10 +126,15 @@ class RanPACHead:
             self.counts = torch.cat([self.counts, self.counts.new_zeros(pad)])
 
     def add(self, features: torch.Tensor, labels: torch.Tensor, holdout: Optional[torch.Tensor] = None,
-            chunk: int = 2048) -> None:
-        """Accumulate G and Q (and their held-out parts where ``holdout`` is True)."""
-        self._grow(int(labels.max()) + 1)
-        self.counts += torch.bincount(labels.cpu(), minlength=self.num_classes).double()
+            chunk: int = 2048, num_classes: int = 0, dist=SINGLE) -> None:
+        """Accumulate G and Q (and their held-out parts where ``holdout`` is True). Under torchrun
+        each rank passes its part of the images and the increments are summed over the ranks
+        (``dist``: the single-process statistics up to float summation order); ``num_classes``
+        makes every rank grow alike whatever labels its part holds."""
+        self._grow(max(num_classes, int(labels.max()) + 1 if len(labels) else 0))
+        dG, dQ = torch.zeros_like(self.G), torch.zeros_like(self.Q)
+        dG_hold, dQ_hold = torch.zeros_like(self.G_hold), torch.zeros_like(self.Q_hold)
+        counts = torch.bincount(labels.cpu(), minlength=self.num_classes).double()
         if holdout is None:
             holdout = torch.zeros(len(labels), dtype=torch.bool)
         for start in range(0, len(labels), chunk):
@@ -128,11 +142,17 @@ class RanPACHead:
             h = self.project(features[sl]).double().cpu()
             y = F.one_hot(labels[sl].cpu(), self.num_classes).double()
             hold = holdout[sl].cpu()
-            self.G += h.T @ h
-            self.Q += h.T @ y
+            dG += h.T @ h
+            dQ += h.T @ y
             if hold.any():
-                self.G_hold += h[hold].T @ h[hold]
-                self.Q_hold += h[hold].T @ y[hold]
+                dG_hold += h[hold].T @ h[hold]
+                dQ_hold += h[hold].T @ y[hold]
+        dist.sum(dG, dQ, dG_hold, dQ_hold, counts)
+        self.G += dG
+        self.Q += dQ
+        self.G_hold += dG_hold
+        self.Q_hold += dQ_hold
+        self.counts += counts
 
     def holdout_error(self, lam: float) -> float:
         """Held-out squared error (up to a constant) of the ridge fit on the non-held-out part."""
@@ -173,11 +193,15 @@ class RanPACHead:
                 return cands[best]
             best = new_best
 
-    def solve(self, lam: Optional[float] = None) -> None:
-        """W = (G + lambda I)^-1 Q over all statistics (Eq. 4), lambda chosen if not given."""
-        self.lam = self.select_lambda() if lam is None else float(lam)
-        eye = torch.eye(self.G.shape[0], dtype=self.G.dtype)
-        self.W = torch.linalg.solve(self.G + self.lam * eye, self.Q).float()
+    def solve(self, lam: Optional[float] = None, dist=SINGLE) -> None:
+        """W = (G + lambda I)^-1 Q over all statistics (Eq. 4), lambda chosen if not given. Under
+        torchrun rank 0 chooses and solves, and every rank takes its lambda and W."""
+        if dist.main:
+            self.lam = self.select_lambda() if lam is None else float(lam)
+            eye = torch.eye(self.G.shape[0], dtype=self.G.dtype)
+            self.W = torch.linalg.solve(self.G + self.lam * eye, self.Q).float()
+        if dist.active:
+            self.lam, self.W = dist.broadcast((self.lam, self.W) if dist.main else None)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.project(features) @ self.W.to(features.device)

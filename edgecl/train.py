@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__
+from . import __version__, distributed
 from .backbones import create_backbone
 from .bundle import check_bundle_out, read_bundle, write_bundle
 from .config import Config, config_from_dict
@@ -39,19 +39,39 @@ def build_learner(cfg: Config, backbone=None):
 
 def train(cfg: Config, out: str, progress: bool = True, force: bool = False, log: Callable = print) -> dict:
     """Train ``cfg.method`` over the class-incremental sessions and write the bundle to ``out``
-    (``force``: replace a bundle of another method there).
+    (``force``: replace a bundle of another method there). Under ``torchrun`` every rank runs
+    this; rank 0 alone logs and writes the bundle (:mod:`edgecl.distributed`).
 
     Returns the metrics dict that is also written to ``out/metrics.json``.
     """
     cls = learner_class(cfg.method)  # fail fast on an unbuilt method, before loading data
     check_bundle_out(out, cfg.method, force)  # and on an --out that must not be replaced
+    dist = distributed.from_env(cfg.train.device)
+    dist.stop_on_sigterm()
+    try:
+        return _train(cfg, out, cls, dist, progress and dist.main, log if dist.main else (lambda m: None))
+    finally:
+        dist.close()
+
+
+def _train(cfg: Config, out: str, cls, dist, progress: bool, log: Callable) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
-    train_set, val_set = load_dataset(cfg.data, progress=progress)
+    # rank 0 decodes the images into the cache first; then the first process of each other machine
+    # (a cache hit where the cache is on a shared filesystem); then every other process reads it
+    turn = 0 if dist.main else (1 if dist.local_rank == 0 else 2)
+    for phase in range(3 if dist.active else 1):
+        if phase == turn:
+            train_set, val_set = load_dataset(cfg.data, progress=progress)
+        dist.barrier()
     scenario = build_scenario(len(train_set.class_names), cfg.data.split, cfg.seed, cfg.data.num_classes)
     backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights, **cfg.backbone.kwargs)
-    learner = cls(cfg, backbone)
+    learner = cls(cfg, backbone, device=dist.torch_device)  # under NCCL: this rank's GPU
+    learner.dist = dist
+    if dist.active:
+        log(f"torchrun: {dist.world} processes ({dist.backend}); each trains on its part of every batch and "
+            f"passes its part of the images, the statistics summed")
     log(f"edgecl train: {cfg.method} on {cfg.backbone.name} ({learner.device}), "
         f"{len(scenario.sessions)} sessions, {len(train_set)} train / {len(val_set)} val images "
         f"at {cfg.data.input_size}px")
@@ -97,7 +117,9 @@ def train(cfg: Config, out: str, progress: bool = True, force: bool = False, log
         "accuracy.png": png,
         **learner.figures(**learner.final_eval),
     }
-    write_bundle(Path(out), manifest, tensors, extra)
+    if dist.main:
+        write_bundle(Path(out), manifest, tensors, extra)
+    dist.barrier()  # the bundle is written (or rank 0 failed: then every rank stops here)
     return metrics
 
 

@@ -323,6 +323,24 @@ def test_augment_shape_dtype_and_determinism():
     assert augment_batch(x.float(), generator=torch.Generator().manual_seed(3)).dtype == torch.float32
 
 
+def test_augment_parts_are_the_augmented_whole_batch():
+    """Under torchrun each rank augments its rows of the global batch (edgecl/distributed.py):
+    the parts, put together, are the whole batch augmented at once, and the generator moves on
+    alike on every rank."""
+    x = _batch(7, 20, 24)
+    whole_gen = torch.Generator().manual_seed(5)
+    whole = augment_batch(x, generator=whole_gen)
+    parts = []
+    for rows in np.array_split(np.arange(7), 3):
+        gen = torch.Generator().manual_seed(5)
+        parts.append(augment_batch(x[torch.as_tensor(rows)], generator=gen, batch_size=7, rows=rows))
+    part_gen = gen
+    assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(torch.rand(3, generator=whole_gen), torch.rand(3, generator=part_gen))
+    with pytest.raises(ValueError, match="rows"):
+        augment_batch(x[:2], generator=torch.Generator(), rows=np.arange(2))
+
+
 def test_augment_identity_and_flip():
     x = _batch()
     same = augment_batch(x, crop_scale=(1.0, 1.0), hflip=False, generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROOTS = {"edgecl": REPO / "edgecl", "edgecl.device": REPO / "device", "edgecl.export": REPO / "export",
          "edgecl.calibration": REPO / "calibration"}
 TRAINER = ("edgecl.learners", "edgecl.train", "edgecl.pet", "edgecl.backbones", "edgecl.heads", "edgecl.losses",
-           "edgecl.metrics", "edgecl.bundle", "edgecl.config")
+           "edgecl.metrics", "edgecl.bundle", "edgecl.config", "edgecl.distributed")
 EXPORTER = ("edgecl.export", "edgecl.calibration")
 DEVICE = ("edgecl.device",)
 APP = ("edgecl.cli", "edgecl.demo", "edgecl.__main__")

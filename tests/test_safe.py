@@ -61,7 +61,8 @@ def test_slow_frozen_fast_learns_and_heads_are_separate(backbone, kinds):
     out = learner.predict(_images([0, 1, 2, 3], n=3, seed=3))
     agg, w = entropy_aggregate(torch.from_numpy(out["slow"]), torch.from_numpy(out["fast"]), learner.cfg.safe.gamma)
     assert np.allclose(out["main"], agg.numpy()) and np.allclose(out["aggregate"], agg.numpy())
-    assert np.allclose(learner.final_weights.sum(1), 1.0)
+    weights = learner.aggregation_weights(out)
+    assert np.allclose(weights.sum(1), 1.0) and np.allclose(weights, w)
 
     # the bundle state alone rebuilds both learners (PET weights, RanPAC heads, cosine heads)
     twin = _learner(backbone, kinds)

@@ -88,3 +88,42 @@ def test_user_errors_are_one_line(folder, tmp_path):
     one_line_error(invoke([*train, "--backbone", "effnet_lite9", "--no-progress"]), "effnet_lite9", "--backbone",
                    quiet=True)
     one_line_error(invoke([*train, "--profile", "huge"]), "huge", quiet=True)
+
+
+def test_bf16_autocasts_the_steps_and_leaves_the_statistics_in_float32(monkeypatch):
+    """train.precision=bf16 (docs/DESIGN.md, "Training on several processes"): the training steps
+    run under bf16 autocast; features for G and Q are taken outside it, in float32, and G and Q
+    are accumulated in float64."""
+    import torch
+    from helpers import TINY_VIT, blob_images
+
+    from edgecl.backbones import create_backbone
+    from edgecl.config import resolve_config
+    from edgecl.learners import base
+    from edgecl.learners.ranpac import RanPAC
+
+    cfg = resolve_config("ranpac", overrides={
+        "backbone": TINY_VIT, "pet": {"kinds": ["ssf"]}, "data": {"input_size": 32}, "ranpac": {"M": 64},
+        "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "precision": "bf16"}})
+    torch.manual_seed(0)
+    learner = RanPAC(cfg, create_backbone(cfg.backbone.name, "random", **cfg.backbone.kwargs))
+    learner.progress = False
+    seen = []
+    plain = base.cross_entropy_step
+
+    def spying_step(model, head, dist=base.SINGLE):
+        step = plain(model, head, dist)
+
+        def spy(x, y):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return step(x, y)
+        return spy
+
+    monkeypatch.setattr("edgecl.learners.ranpac.cross_entropy_step", spying_step)
+    train = blob_images([0, 1], n=12, seed=0)
+    learner.learn(0, train, [0, 1])
+    assert seen and all(seen)
+    feats = learner.features(learner.model, "adapted", train)
+    assert feats.dtype == torch.float32 and learner.head.G.dtype == torch.float64
+    h = learner.head.project(feats).double()
+    assert torch.allclose(learner.head.G, h.T @ h, rtol=1e-6)

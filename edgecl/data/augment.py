@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def augment_batch(x: "torch.Tensor", *, crop_scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True,
-                  generator: Optional["torch.Generator"] = None) -> "torch.Tensor":
+                  generator: Optional["torch.Generator"] = None, batch_size: Optional[int] = None,
+                  rows: Optional[np.ndarray] = None) -> "torch.Tensor":
     """Random-resized-crop (area fraction in ``crop_scale``, aspect ratio in ``ratio``) and a
     random horizontal flip for a whole NHWC batch: one affine sampling grid and one bilinear
     ``grid_sample`` call, no per-image loop. Output has the input's NHWC shape, dtype (uint8 in -> rounded uint8 out)
@@ -25,7 +26,12 @@ def augment_batch(x: "torch.Tensor", *, crop_scale=(0.5, 1.0), ratio=(3 / 4, 4 /
     ``.view()``.
 
     Crop sizes follow torchvision's ``RandomResizedCrop``: up to 10 draws per image, then the
-    whole image (ratio-clamped) as fallback. Random numbers come from ``generator`` (CPU).
+    whole image (ratio-clamped) as fallback. Random numbers come from ``generator`` (CPU); the
+    sampling runs on ``x``'s device (a GPU batch is augmented on the GPU).
+
+    ``x`` may be the rows ``rows`` of a batch of ``batch_size`` images (a rank's part under
+    torchrun): the crops are drawn for the whole batch and these rows get theirs, so the parts
+    of all ranks together are exactly the augmented whole batch.
     """
     import torch
     import torch.nn.functional as F
@@ -33,10 +39,14 @@ def augment_batch(x: "torch.Tensor", *, crop_scale=(0.5, 1.0), ratio=(3 / 4, 4 /
     if x.ndim != 4:
         raise ValueError(f"augment_batch expects an NHWC batch, got shape {tuple(x.shape)}")
     n, h, w, _c = x.shape
+    if rows is not None and (batch_size is None or len(rows) != n):
+        raise ValueError("augment_batch: rows needs batch_size and one row index per image of x")
     if n == 0:
         return x.clone()
     tries = 10
-    u = torch.rand(2 * tries + 3, n, generator=generator, dtype=torch.float64)
+    u = torch.rand(2 * tries + 3, batch_size or n, generator=generator, dtype=torch.float64)
+    if rows is not None:
+        u = u[:, torch.as_tensor(rows)]
     lo, hi = float(crop_scale[0]), float(crop_scale[1])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     area = (lo + (hi - lo) * u[:tries]) * (h * w)

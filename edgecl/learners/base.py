@@ -23,6 +23,7 @@ from .. import pet as petlib
 from ..backbones import Backbone, Normalize
 from ..config import Config
 from ..data import ImageSet, Scenario, augment_batch, iterate_batches
+from ..distributed import SINGLE
 from ..metrics import SessionMetrics
 
 
@@ -50,6 +51,7 @@ class Learner:
         self.normalize = Normalize(backbone.mean, backbone.std).to(self.device)
         self.num_seen = 0
         self.progress = True  # progress bars (run_sessions sets it)
+        self.dist = SINGLE  # the run's processes (edgecl.distributed; train sets it under torchrun)
         self._versions: dict = {}
         self.volatile: set = set()  # tags of models that change every session: no full-set caching
         self._cache: dict = {}
@@ -114,6 +116,21 @@ class Learner:
             self._cache[key] = self._extract(model, images)
         return self._cache[key] if rows is None else self._cache[key][torch.as_tensor(rows)]
 
+    def my_part(self, images: ImageSet) -> tuple:
+        """``(this rank's part of images, its row indices)``: a statistics pass over a session's
+        images runs on every rank's part and sums (edgecl.distributed; one process: all of it)."""
+        rows = self.dist.part(len(images))
+        return (images if len(rows) == len(images) else images.subset(rows)), rows
+
+    def class_means(self, feats: torch.Tensor, labels: torch.Tensor, classes: list) -> torch.Tensor:
+        """Mean feature of each of ``classes`` over every rank's part (sums and counts summed)."""
+        if not self.dist.active:
+            return torch.stack([feats[labels == c].mean(0) for c in classes])
+        sums = torch.stack([feats[labels == c].double().sum(0) for c in classes])
+        counts = torch.tensor([float((labels == c).sum()) for c in classes], dtype=torch.float64)
+        self.dist.sum(sums, counts)
+        return (sums / counts.clamp(min=1)[:, None]).float()
+
     @torch.no_grad()
     def _extract(self, model: torch.nn.Module, images: ImageSet) -> torch.Tensor:
         was_training = model.training
@@ -132,7 +149,9 @@ class Learner:
 
         ``params`` are optimizer param groups (each with its ``lr``); ``step(x, y)`` takes a
         normalised augmented batch and its labels and returns a dict of named loss terms whose
-        sum is minimised. ``modules`` are put in PET train mode (BatchNorm stays frozen).
+        sum is minimised. Under torchrun ``x`` is this rank's part of the batch and ``y`` the whole
+        batch's labels: the step passes its features through ``self.dist.join(f, len(y))``.
+        ``modules`` are put in PET train mode (BatchNorm stays frozen).
         Returns the mean of each loss term per epoch.
         """
         tc = self.cfg.train
@@ -149,6 +168,12 @@ class Learner:
         history = []
         for m in modules:
             petlib.set_pet_train_mode(m, True)
+        if tc.compile:  # torch.compile, in place: the PET state-dict names stay as they are
+            for m in modules:
+                m.compile()
+        run_step = self.dist.step(params, step, self.device)
+        cuda = self.device.type == "cuda"
+        bf16 = tc.precision == "bf16"  # autocast of the training steps only: statistics are taken in float32
         step_i = 0
         bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not self.progress)
         for _epoch in range(epochs):
@@ -156,25 +181,35 @@ class Learner:
             count = 0
             for idx in iterate_batches(len(train), tc.batch_size, shuffle=True, generator=gen):
                 idx = np.sort(np.asarray(idx))
-                x = torch.from_numpy(np.ascontiguousarray(train.images[idx]))
-                x = augment_batch(x, crop_scale=tuple(tc.crop_scale), hflip=tc.hflip, generator=gen)
-                x = self.prepare(x.to(self.device))
-                y = labels[idx].to(self.device)
+                # the global batch is drawn and its crops sampled identically on every rank; each rank
+                # augments and runs the backbone on its part, and the step joins the features (Dist.join)
+                part = self.dist.batch_part(len(idx)) if self.dist.active else None
+                x = torch.from_numpy(np.ascontiguousarray(train.images[idx if part is None else idx[part]]))
+                if cuda:  # pinned memory, an asynchronous copy, the augmentation on the GPU
+                    x = x.pin_memory()
+                x = x.to(self.device, non_blocking=True)
+                x = augment_batch(x, crop_scale=tuple(tc.crop_scale), hflip=tc.hflip, generator=gen,
+                                  batch_size=len(idx), rows=part)
+                x = self.prepare(x)
+                y = labels[idx].to(self.device, non_blocking=True)
                 scale = ((step_i + 1) / warm if step_i < warm
                          else 0.5 * (1 + math.cos(math.pi * (step_i - warm) / max(1, total - warm))))
                 for g, lr in zip(opt.param_groups, base_lrs):
                     g["lr"] = lr * scale
-                terms = step(x, y)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    terms = run_step(x, y)
                 loss = sum(terms.values())
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                self.dist.backward(loss)
                 opt.step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
+                for k, v in terms.items():  # summed on the device: no synchronisation per step
+                    sums[k] = sums.get(k, 0.0) + v.detach().double() * len(idx)
                 count += len(idx)
                 step_i += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                if bar.n % 10 == 1 and not bar.disable:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            sums = {k: float(v) for k, v in sums.items()}
             history.append({k: v / max(1, count) for k, v in sums.items()})
         bar.close()
         for m in modules:
@@ -182,11 +217,11 @@ class Learner:
         return history
 
 
-def cross_entropy_step(model: torch.nn.Module, head: torch.nn.Module) -> Callable:
-    """The plain supervised step: CE of head(model(x)) against y."""
+def cross_entropy_step(model: torch.nn.Module, head: torch.nn.Module, dist=SINGLE) -> Callable:
+    """The plain supervised step: CE of head(model(x)) against y (x this rank's part of the batch)."""
 
     def step(x, y):
-        return {"ce": F.cross_entropy(head(model(x)), y)}
+        return {"ce": F.cross_entropy(head(dist.join(model(x), len(y))), y)}
 
     return step
 
@@ -205,6 +240,16 @@ def to_incremental(images: ImageSet, label_map: np.ndarray, classes=None) -> Ima
     inc = label_map[images.labels]
     rows = np.where(inc >= 0 if classes is None else np.isin(images.labels, classes))[0]
     return with_labels(images.subset(rows), inc[rows])
+
+
+def evaluate_parts(learner: Learner, images: ImageSet, rows: np.ndarray) -> dict:
+    """``learner.predict(images, rows)``, each rank predicting its contiguous part of ``rows`` and
+    the logits gathered back in order (edgecl.distributed; one process: predict)."""
+    dist = learner.dist
+    if not dist.active:
+        return learner.predict(images, rows)
+    parts = dist.gather(learner.predict(images, rows[dist.part(len(rows))]))
+    return {name: np.concatenate([np.asarray(p[name]) for p in parts]) for name in parts[0]}
 
 
 def run_sessions(learner: Learner, train: ImageSet, val: ImageSet, scenario: Scenario,
@@ -235,7 +280,7 @@ def run_sessions(learner: Learner, train: ImageSet, val: ImageSet, scenario: Sce
         learner.timing["learn_s"] += time.perf_counter() - start
         start = time.perf_counter()
         rows = np.where(val_all.labels < seen)[0]
-        logits = learner.predict(val_all, rows)
+        logits = evaluate_parts(learner, val_all, rows)
         learner.timing["eval_s"] += time.perf_counter() - start
         accs = {}
         for name, lg in logits.items():

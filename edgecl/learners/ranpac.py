@@ -58,7 +58,7 @@ class RanPAC(Learner):
             {"params": petlib.pet_parameters(self.model.model), "lr": tc.lr},
             {"params": list(head.parameters()), "lr": tc.head_lr},
         ]
-        self.pet_history = self.fit(params, train, tc.epochs, cross_entropy_step(self.model, head),
+        self.pet_history = self.fit(params, train, tc.epochs, cross_entropy_step(self.model, head, self.dist),
                                     desc="session 1: PET adaptation", modules=(self.model.model,))
         self.model.eval()
         for p in self.model.parameters():
@@ -68,9 +68,11 @@ class RanPAC(Learner):
     def learn(self, t, train, new_classes):
         if t == 0 and self.uses_pet and self.cfg.train.epochs > 0:
             self.adapt(train, new_classes)
-        feats = self.features(self.model, "adapted", train)
-        self.head.add(feats, torch_labels(train), session_holdout(self.cfg, t, train))
-        self.head.solve()
+        part, rows = self.my_part(train)  # under torchrun: this rank's part, the statistics summed
+        feats = self.features(self.model, "adapted", part)
+        hold = session_holdout(self.cfg, t, train)[torch.as_tensor(rows)]
+        self.head.add(feats, torch_labels(part), hold, num_classes=new_classes[-1] + 1, dist=self.dist)
+        self.head.solve(dist=self.dist)
 
     def predict(self, images, rows=None):
         return {"main": self.head.logits(self.features(self.model, "adapted", images, rows)).numpy()}

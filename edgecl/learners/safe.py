@@ -39,10 +39,6 @@ def _append_rows(head: CosineHead, rows: torch.Tensor, trainable: bool) -> None:
     head.weight = nn.Parameter(weight, requires_grad=trainable)
 
 
-def _class_means(feats: torch.Tensor, labels: torch.Tensor, classes: list) -> torch.Tensor:
-    return torch.stack([feats[labels == c].mean(0) for c in classes])
-
-
 class SAFE(Learner):
     name = "safe"
     predictors = ("main", "slow", "fast", "aggregate")
@@ -60,7 +56,6 @@ class SAFE(Learner):
         # with safe.fast_epochs = 0 it never changes and its features are cached like the slow's
         self.volatile = {"fast"} if cfg.safe.fast_epochs > 0 else set()
         self.history: dict = {}
-        self.final_weights = None
 
     # ------------------------------------------------------------------ training
     def train_slow(self, train, new_classes) -> None:
@@ -68,12 +63,14 @@ class SAFE(Learner):
         tc, sc = self.cfg.train, self.cfg.safe
         self.slow_cls = CosineHead(self.ptm.feature_dim, len(new_classes)).to(self.device)
 
+        join = self.dist.join  # under torchrun: the whole batch's features (the transfer loss's statistics too)
+
         def step(x, y):
-            f = self.slow(x)
+            f = join(self.slow(x), len(y))
             terms = {"ce": F.cross_entropy(self.slow_cls(f), y)}
             if sc.lambda_diag or sc.lambda_rdn:
                 with torch.no_grad():
-                    f_ptm = self.ptm(x)
+                    f_ptm = join(self.ptm(x), len(y))
                 terms.update(transfer_loss(f_ptm, f, sc.lambda_diag, sc.lambda_rdn, sc.transfer_norm))
             return terms
 
@@ -98,17 +95,20 @@ class SAFE(Learner):
     def train_fast(self, t, train, new_classes) -> None:
         """Session t > 1: CE + lambda_cc cross-classification + lambda_cos alignment (Eq. 5-7)."""
         tc, sc = self.cfg.train, self.cfg.safe
-        labels = torch_labels(train)
-        f_slow = self.features(self.slow, "slow", train)
-        f_fast = self.features(self.fast, "fast", train)
-        _append_rows(self.slow_cls, _class_means(f_slow, labels, new_classes), trainable=False)
-        _append_rows(self.fast_cls, _class_means(f_fast, labels, new_classes), trainable=True)
+        part, _rows = self.my_part(train)  # under torchrun: this rank's part, the means over all
+        labels = torch_labels(part)
+        f_slow = self.features(self.slow, "slow", part)
+        f_fast = self.features(self.fast, "fast", part)
+        _append_rows(self.slow_cls, self.class_means(f_slow, labels, new_classes), trainable=False)
+        _append_rows(self.fast_cls, self.class_means(f_fast, labels, new_classes), trainable=True)
         num_old = new_classes[0]
 
+        join = self.dist.join  # under torchrun: the whole batch's features
+
         def step(x, y):
-            f_f = self.fast(x)
+            f_f = join(self.fast(x), len(y))
             with torch.no_grad():
-                f_s = self.slow(x)
+                f_s = join(self.slow(x), len(y))
             terms = {"ce": F.cross_entropy(self.fast_cls(f_f), y)}
             if sc.lambda_cc:
                 terms["cc"] = sc.lambda_cc * cross_classification_loss(self.fast_cls, self.slow_cls, f_f, f_s, y,
@@ -132,20 +132,26 @@ class SAFE(Learner):
             self.start_fast()
         else:
             self.train_fast(t, train, new_classes)
-        labels = torch_labels(train)
-        hold = session_holdout(self.cfg, t, train)
+        part, rows = self.my_part(train)  # under torchrun: this rank's part, the statistics summed
+        labels = torch_labels(part)
+        hold = session_holdout(self.cfg, t, train)[torch.as_tensor(rows)]
         for model, tag, head in ((self.slow, "slow", self.slow_head), (self.fast, "fast", self.fast_head)):
-            head.add(self.features(model, tag, train), labels, hold)
-            head.solve()
+            head.add(self.features(model, tag, part), labels, hold, num_classes=new_classes[-1] + 1, dist=self.dist)
+            head.solve(dist=self.dist)
 
     # ------------------------------------------------------------------ inference
     def predict(self, images, rows=None):
         l_slow = self.slow_head.logits(self.features(self.slow, "slow", images, rows))
         l_fast = self.fast_head.logits(self.features(self.fast, "fast", images, rows))
-        agg, weights = entropy_aggregate(l_slow, l_fast, self.cfg.safe.gamma)
-        self.final_weights = weights.numpy()
+        agg, _weights = entropy_aggregate(l_slow, l_fast, self.cfg.safe.gamma)
         main = {"aggregate": agg, "slow": l_slow, "fast": l_fast}[self.cfg.safe.inference]
         return {"main": main.numpy(), "slow": l_slow.numpy(), "fast": l_fast.numpy(), "aggregate": agg.numpy()}
+
+    def aggregation_weights(self, logits: dict) -> np.ndarray:
+        """Per image, the entropy aggregation weights [N, 2] of slow and fast (Eq. 8-9)."""
+        _agg, weights = entropy_aggregate(torch.as_tensor(logits["slow"]), torch.as_tensor(logits["fast"]),
+                                          self.cfg.safe.gamma)
+        return weights.numpy()
 
     def feature_models(self):
         return {"slow": self.slow, "fast": self.fast}
@@ -208,7 +214,8 @@ class SAFE(Learner):
         ax1.set_ylabel("accuracy (%)")
         ax1.legend(ncol=3, fontsize=8)
         ax1.set_title("SAFE after the last session, by class range (session)")
-        w = self.final_weights
+        # the weights from the gathered logits (under torchrun each rank predicted a part)
+        w = self.aggregation_weights(logits)
         ax2.bar(x - 0.2, [w[r, 0].mean() for r in ranges], 0.4, label="slow weight", color="tab:blue")
         ax2.bar(x + 0.2, [w[r, 1].mean() for r in ranges], 0.4, label="fast weight", color="tab:orange")
         ax2.set_ylabel("mean aggregation weight")

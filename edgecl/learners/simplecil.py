@@ -17,8 +17,9 @@ class SimpleCIL(Learner):
         self.prototypes = Prototypes(self.ptm.feature_dim)
 
     def learn(self, t, train, new_classes):
-        feats = self.features(self.ptm, "ptm", train)
-        self.prototypes.add(feats, torch_labels(train))
+        part, _rows = self.my_part(train)  # under torchrun: this rank's part, the sums summed
+        feats = self.features(self.ptm, "ptm", part)
+        self.prototypes.add(feats, torch_labels(part), num_classes=new_classes[-1] + 1, dist=self.dist)
 
     def predict(self, images, rows=None):
         return {"main": self.prototypes.logits(self.features(self.ptm, "ptm", images, rows)).numpy()}

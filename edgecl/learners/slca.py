@@ -146,7 +146,7 @@ class SLCA(Learner):
         local = sc.ce_scope == "session"
 
         def step(x, y):
-            logits = self.head(self.model(x))
+            logits = self.head(self.dist.join(self.model(x), len(y)))  # under torchrun: the whole batch
             if local:
                 logits, y = logits[:, first:], y - first
             return symmetric_cross_entropy(logits, y, sc.alpha, sc.beta, sc.rce_log_zero)
@@ -212,8 +212,15 @@ class SLCA(Learner):
         self.head.add_session(len(new_classes))
         if self.cfg.train.epochs > 0:
             self.train_session(t, train, new_classes)
-        feats = self.features(self.model, "model", train)
-        self.stats.add(feats.numpy(), np.asarray(train.labels))
+        part, _rows = self.my_part(train)  # under torchrun: this rank's part, the statistics merged
+        feats = self.features(self.model, "model", part)
+        if self.dist.active:
+            local = ClassStats(self.stats.dim, self.stats.form, self.stats.rank, self.stats.eps)
+            local.add(feats.numpy(), np.asarray(part.labels))
+            for other in self.dist.gather(local):  # in rank order: every rank merges alike
+                self.stats = self.stats.merge(other)
+        else:
+            self.stats.add(feats.numpy(), np.asarray(part.labels))
         sc = self.cfg.slca
         self.aligned = self.align(self.stats, self.head, t) if (t > 0 and sc.ca_epochs > 0) else None
 
