@@ -227,6 +227,11 @@ def _join_function():
     return JoinBatch
 
 
+def requested() -> bool:
+    """Whether this process is one of several of a torchrun run (before joining it)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
 def is_main_process() -> bool:
     """Whether this process is rank 0 of a torchrun run (or not under torchrun)."""
     return os.environ.get("RANK", "0") in ("0", "")

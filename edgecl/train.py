@@ -19,7 +19,7 @@ from .config import Config, config_from_dict
 from .core.errors import EdgeclError
 from .core.formats import BackboneInfo, BundleManifest, ClassList, InputSpec, LearnerFacts
 from .core.records import from_dict, to_dict
-from .data import build_scenario, load_dataset, load_imagefolder
+from .data import build_scenario, cache_lock, load_dataset, load_imagefolder
 from .learners import learner_class
 from .learners.base import run_sessions, with_labels
 from .metrics import plot_accuracy
@@ -46,25 +46,24 @@ def train(cfg: Config, out: str, progress: bool = True, force: bool = False, log
     """
     cls = learner_class(cfg.method)  # fail fast on an unbuilt method, before loading data
     check_bundle_out(out, cfg.method, force)  # and on an --out that must not be replaced
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    main = distributed.is_main_process()
+    # under torchrun the processes take the data one after the other (the cache's lock): the first
+    # decodes into the cache, the others read it; all before the process group starts its threads
+    with cache_lock(cfg.data.cache_dir, enabled=distributed.requested()):
+        data = load_dataset(cfg.data, progress=progress and main)
     dist = distributed.from_env(cfg.train.device)
     dist.stop_on_sigterm()
     try:
-        return _train(cfg, out, cls, dist, progress and dist.main, log if dist.main else (lambda m: None))
+        return _train(cfg, out, cls, dist, data, progress and dist.main, log if dist.main else (lambda m: None))
     finally:
         dist.close()
 
 
-def _train(cfg: Config, out: str, cls, dist, progress: bool, log: Callable) -> dict:
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.seed)
-    # rank 0 decodes the images into the cache first; then the first process of each other machine
-    # (a cache hit where the cache is on a shared filesystem); then every other process reads it
-    turn = 0 if dist.main else (1 if dist.local_rank == 0 else 2)
-    for phase in range(3 if dist.active else 1):
-        if phase == turn:
-            train_set, val_set = load_dataset(cfg.data, progress=progress)
-        dist.barrier()
+def _train(cfg: Config, out: str, cls, dist, data: tuple, progress: bool, log: Callable) -> dict:
+    train_set, val_set = data
     scenario = build_scenario(len(train_set.class_names), cfg.data.split, cfg.seed, cfg.data.num_classes)
     backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights, **cfg.backbone.kwargs)
     learner = cls(cfg, backbone, device=dist.torch_device)  # under NCCL: this rank's GPU

@@ -11,8 +11,10 @@ processes"): torchrun with Gloo on the CPU against one process.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +33,38 @@ def _env(tmp_path):
     return env
 
 
+def _kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment holds ``marker`` (torchrun starts its workers in
+    sessions of their own, so killing torchrun's process group would leave them running)."""
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker.encode() in (proc_dir / "environ").read_bytes():
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+def _run(cmd, tmp_path, timeout=300) -> subprocess.CompletedProcess:
+    """``cmd``, and everything it starts killed if it hangs."""
+    marker = f"EDGECL_TEST_RUN={uuid.uuid4().hex}"
+    env = {**_env(tmp_path), "EDGECL_TEST_RUN": marker.split("=")[1]}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_marked(marker)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:8])} ... hung for {timeout} s:\n{(out + err)[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _torchrun(args, tmp_path, n=2, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *args]
-    return subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *args],
+                tmp_path, timeout)
 
 
 def _single(args, tmp_path, timeout=300):
-    return subprocess.run([sys.executable, *args], env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=timeout, cwd=tmp_path)
+    return _run([sys.executable, *args], tmp_path, timeout)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

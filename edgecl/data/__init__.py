@@ -16,7 +16,7 @@ Importing this package does not import torch: only :func:`augment_batch`,
 
 from .augment import augment_batch, iterate_batches
 from .benchmarks import DATASETS, IMAGENET_R_URL, SPLIT_SEED, imagenet_r_split, load_dataset
-from .cache import FORMAT_VERSION, default_cache_dir
+from .cache import FORMAT_VERSION, cache_lock, default_cache_dir
 from .decode import decode_image
 from .imagefolder import IMAGE_EXTENSIONS, list_classes, list_images, load_imagefolder
 from .imageset import ImageSet
@@ -33,6 +33,7 @@ __all__ = [
     "augment_batch",
     "build_scenario",
     "decode_image",
+    "cache_lock",
     "default_cache_dir",
     "imagenet_r_split",
     "iterate_batches",

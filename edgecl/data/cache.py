@@ -12,11 +12,12 @@ write is never trusted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -34,6 +35,29 @@ def default_cache_dir(cache_dir: Optional[str | os.PathLike] = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "edgecl"
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir, enabled: bool = True) -> Iterator[None]:
+    """Hold the cache root's lock file (``flock``) for the block: the processes of a torchrun run
+    load their data one after the other, so the first decodes into the cache and the others read
+    it, and no image is decoded twice (before the process group exists: forking a decode pool
+    after the collectives' threads have started can deadlock). A no-op where ``flock`` is missing."""
+    if not enabled:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    root = images_dir(cache_dir).parent
+    with open(root / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def images_dir(cache_dir) -> Path:
