@@ -68,6 +68,23 @@ def cached(cache: Path, key: str, fn):
     return arr
 
 
+def evaluation_sets(rt, root: Path, order: list, sha: str, cache: Path) -> dict:
+    """{"select": (features, labels), "val": ...} over the classes in ``order`` (labels = positions):
+    select = train images 300-349 of each class, val = its val/ folder; cached by the model's sha."""
+
+    def one(name, pick):
+        files, labels = [], []
+        for i, c in enumerate(order):
+            fs = pick(c)
+            files += fs
+            labels += [i] * len(fs)
+        key = f"{sha}:{name}:{len(files)}:{files[0]}:{files[-1]}"
+        return cached(cache, key, lambda: features(rt, load_frames(files, rt.size))), np.asarray(labels)
+
+    return {"select": one("select", lambda c: list_images(root / "train" / c)[300:350]),
+            "val": one("val", lambda c: list_images(root / "val" / c))}
+
+
 def accuracy(scores: np.ndarray, labels: np.ndarray, new_mask: np.ndarray) -> dict:
     hit = scores.argmax(1) == labels
     old, new = 100 * hit[~new_mask].mean(), 100 * hit[new_mask].mean()
@@ -102,19 +119,8 @@ def main(argv=None) -> int:
     order = old_names + new_names
     print(f"engine: {len(old_names)} classes; enrolling {len(new_names)} unseen: {', '.join(new_names)}")
 
-    def split(name, pick):
-        files, labels = [], []
-        for i, c in enumerate(order):
-            fs = pick(c)
-            files += fs
-            labels += [i] * len(fs)
-        key = f"{sha}:{name}:{len(files)}:{files[0]}:{files[-1]}"
-        F = cached(cache, key, lambda: features(rt, load_frames(files, size)))
-        return F, np.asarray(labels)
-
     t0 = time.perf_counter()
-    evals = {"select": split("select", lambda c: list_images(root / "train" / c)[300:350]),
-             "val": split("val", lambda c: list_images(root / "val" / c))}
+    evals = evaluation_sets(rt, root, order, sha, cache)
     views_all = ("id", "flip", "crop", "cropflip")
     enroll_feats = {}
     for c in new_names:

@@ -14,6 +14,13 @@ beta = 1: G unweighted, each class's target column scaled to n_ref samples, i.e.
 count up to a common factor) was chosen on held-out data among alpha in {0, 0.5, 1} x beta in
 {0, ..., 2}.
 
+Calibration (docs/DEVICE.md, "Enrollment across class splits"; ``python -m benchmarks enroll_splits``):
+with the weighting alone the old classes' cost of an enrollment depended on the class split it was
+chosen on. ``DEFAULT_POLICY`` adds a ``margin``: each enrolled class's logits are mapped, in closed
+form from the engine's statistics, onto the distribution a typical engine class's logits have over
+its negatives, less ``margin`` standard deviations (:class:`edgecl.device.heads.ranpac.RanPACHead`);
+``UNCALIBRATED`` is the weighting alone (stores created before keep it: a store keeps its policy).
+
 ``ALIGNED`` (alpha = beta = 1) is what SLCA's classifier alignment (Zhang et al., ICCV 2023,
 Sec. 3.3: re-fit the head on features sampled from each class's Gaussian, the same number per
 class) gives in expectation for a closed-form ridge head: n_ref samples from N(mu_c, Sigma_c)
@@ -38,10 +45,15 @@ from .engine_dir import class_names, load_heads, load_tensors, read_manifest, ve
 from .heads import StoreView
 from .store import ClassStore, StoreState, default_store_path
 
-# chosen on held-out data, see docs/DEVICE.md "Imbalance" (python -m benchmarks enroll)
-DEFAULT_POLICY = {"alpha": 0.0, "beta": 1.0}
+# alpha, beta: chosen on held-out data, docs/DEVICE.md "Imbalance" (python -m benchmarks enroll); margin
+# (the enrolled classes' calibration, edgecl.device.heads.ranpac): chosen on held-out training images of
+# three class splits, docs/DEVICE.md "Enrollment across class splits" (python -m benchmarks enroll_splits)
+MARGIN = 0.375
+DEFAULT_POLICY = {"alpha": 0.0, "beta": 1.0, "margin": MARGIN}
+UNCALIBRATED = {"alpha": 0.0, "beta": 1.0}  # the default before the calibration (stores written then keep it)
 ALIGNED = {"alpha": 1.0, "beta": 1.0}
-POLICIES = {"default": DEFAULT_POLICY, "aligned": ALIGNED, "plain": {"alpha": 0.0, "beta": 0.0}}
+POLICIES = {"default": DEFAULT_POLICY, "uncalibrated": UNCALIBRATED, "aligned": ALIGNED,
+            "plain": {"alpha": 0.0, "beta": 0.0}}
 DEFAULT_VIEWS = ("id", "flip", "crop", "cropflip")  # chosen on held-out data with the weighting (docs/DEVICE.md)
 AVERAGE_VIEWS = True  # one row per frame: the mean of its views' features (k = frames, not frames x views)
 REFACTOR_EVERY = 32
@@ -256,6 +268,10 @@ class ClassHeads:
             head.enroll(j, rows[ln], st.rows[ln][old])
         update_ms = 1000 * (time.perf_counter() - start)
         st.add_contribution(uid, rows)  # one contribution with a fresh random id (merge unites them by id)
+        start = time.perf_counter()
+        for head in self.heads.values():
+            head.settle()  # what depends on the rows in the state (the enrolled classes' calibration)
+        update_ms += 1000 * (time.perf_counter() - start)
         st.history.append({"op": "enroll", "name": name, "rows": int(k), "time": time.time()})
         return {"update_ms": update_ms, "rows": int(k), "classes": len(st.classes)}
 

@@ -214,7 +214,7 @@ _STORE = click.option("--store", type=click.Path(file_okay=False),
 @click.option("--list", "list_classes", is_flag=True, help="Print the classes and exit.")
 @click.option("--views", default="id,flip,crop,cropflip", show_default=True,
               help="Augmented views per frame (their features are averaged into one row): id, flip, crop, cropflip.")
-@click.option("--weighting", type=click.Choice(["default", "aligned", "plain"]),
+@click.option("--weighting", type=click.Choice(["default", "uncalibrated", "aligned", "plain"]),
               help="Class weighting of a new store (docs/DEVICE.md); an existing store keeps its own.")
 @_BACKEND
 @_STORE

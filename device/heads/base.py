@@ -146,6 +146,10 @@ class Head:
         """Class ``j`` (``entry``: its :class:`~edgecl.core.formats.ClassEntry`) is about to be
         removed from the state; ``rows`` are its enrolled rows (none for an engine class)."""
 
+    def settle(self) -> None:
+        """The state took the rows of an :meth:`enroll`: finish what depends on them (timed with
+        the update)."""
+
     def refactor(self) -> None:
         """Re-derive the solution from the statistics (bounds drift; bench times it)."""
 

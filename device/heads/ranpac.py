@@ -11,6 +11,17 @@ were learned from n_ref samples each (recorded counts, else
 :func:`~edgecl.device.ranpac.estimate_class_counts`), a new class brings n_c << n_ref rows; rows
 of class c enter G with weight (n_ref/n_c)^alpha and its Q column with (n_ref/n_c)^beta, alpha
 and beta from the store's weighting policy (:data:`edgecl.device.enroll.POLICIES`).
+
+Calibration of the enrolled classes (a policy with a ``margin``; docs/DEVICE.md, "Enrollment
+across class splits"): an enrolled class's logit is mapped so that its distribution over the
+engine's training samples — all of them negatives for it — has the mean and standard deviation of
+a typical engine class's logit over the same samples (the medians over the engine's classes, whose
+own samples, a C-th of them, are among those samples), less ``margin`` of those standard
+deviations. Both are closed-form from the statistics: with
+N samples, mean m = (sum_c Q0_c) / N and second moment G0 / N, class j's logit has mean m^T W_j
+and variance W_j^T G0 W_j / N - (m^T W_j)^2, where G0 W_j = Q_j - lambda W_j - sum_e w_e H_e^T H_e W_j
+(A W = Q with A = G0 + sum_e w_e H_e^T H_e + lambda I), so no M x M matrix is touched: O(R M) per
+enrolled class for R enrolled rows. The engine's own classes keep their logits.
 """
 
 from __future__ import annotations
@@ -44,6 +55,9 @@ class RanPACHead(Head):
         self.lam = float(np.asarray(tensors["lambda"]).reshape(-1)[0])
         self._ridge = None
         self._n_ref = None
+        self._reference = None  # (mean, sd) of a typical engine class's logit over the engine's samples
+        self._sample_stats = None  # (N, mean head input, Q0) of the engine's samples
+        self._affine = None  # (columns, scale, offset) of the enrolled classes' logits; None: to compute
         self.current = self.W
 
     @property
@@ -63,6 +77,7 @@ class RanPACHead(Head):
     # ----------------------------------------------------------------- with the store
     def attach(self, view) -> None:
         super().attach(view)
+        self._affine = None
         st = view.state
         cached = st.W.get(view.learner)
         if cached is not None and cached.shape[1] == len(st.classes):
@@ -74,7 +89,77 @@ class RanPACHead(Head):
             self.current = self.ridge().W.astype(np.float32)
 
     def scores(self, h: np.ndarray) -> np.ndarray:
-        return np.asarray(h, np.float32) @ self.current
+        out = np.asarray(h, np.float32) @ self.current
+        cols, scale, offset = self.affine()
+        if len(cols):
+            out[..., cols] = out[..., cols] * scale + offset
+        return out
+
+    # ----------------------------------------------------------------- calibration of enrolled classes
+    def _samples(self) -> tuple:
+        """(N, mean head input m, Q0) of the engine's training samples, from its statistics (kept)."""
+        if self._sample_stats is None:
+            stats = self.view.base_stats()
+            Q0 = np.asarray(stats["Q"], np.float64)
+            counts = stats.get("counts")
+            n = float(np.sum(counts)) if counts is not None else float(np.sum(self.base_statistics()[2]))
+            self._sample_stats = (n, Q0.sum(1) / max(n, 1.0), Q0)
+        return self._sample_stats
+
+    def _logit_moments(self, W: np.ndarray, G0W: np.ndarray, n: float, m: np.ndarray) -> tuple:
+        """(mean, sd) of each column's logit over the engine's samples, given G0 W."""
+        mean = m @ W
+        var = np.einsum("mc,mc->c", W, G0W) / n - mean ** 2
+        return mean, np.sqrt(np.maximum(var, 1e-30))
+
+    def reference(self) -> tuple:
+        """(mean, sd): the medians over the engine's classes of their logits' mean and standard
+        deviation over the engine's training samples (G0 W0 = Q0 - lambda W0: exact, O(M C))."""
+        if self._reference is None:
+            n, m, Q0 = self._samples()
+            W0 = self.W.astype(np.float64)
+            mean, sd = self._logit_moments(W0, Q0 - self.lam * W0, n, m)
+            self._reference = (float(np.median(mean)), float(np.median(sd)))
+        return self._reference
+
+    def affine(self) -> tuple:
+        """(columns, scale, offset) mapping the enrolled classes' logits (see the module docstring);
+        empty without enrolled classes or when the policy has no ``margin``."""
+        if self._affine is not None:
+            return self._affine
+        none = (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
+        st = self.view.state if self.view is not None else None
+        margin = None if st is None else st.policy.get("margin")
+        cols = [] if st is None else [j for j, c in enumerate(st.classes) if c.uid is not None]
+        if margin is None or not cols or "Q" not in self.view.base_stats():
+            self._affine = none
+            return none
+        n, m, _ = self._samples()
+        W = np.asarray(self.current, np.float64)[:, cols]
+        rows = np.asarray(self.view.rows, np.float64)
+        counts = st.counts()
+        Q = np.zeros_like(W)
+        weighted = np.zeros_like(rows)  # every enrolled row times its class's weight in G
+        for i, j in enumerate(cols):
+            sel = st.rows_of(st.classes[j].uid)
+            wg, wq = self.row_weights(counts.get(st.classes[j].uid, 0))
+            Q[:, i] = wq * rows[sel].sum(0)
+        for c in st.classes:
+            if c.uid is not None:
+                sel = st.rows_of(c.uid)
+                weighted[sel] = self.row_weights(counts.get(c.uid, 0))[0] * rows[sel]
+        G0W = Q - self.lam * W - weighted.T @ (rows @ W)
+        mean, sd = self._logit_moments(W, G0W, n, m)
+        ref_mean, ref_sd = self.reference()
+        scale = ref_sd / sd
+        offset = ref_mean - mean * scale - float(margin) * ref_sd
+        self._affine = (np.asarray(cols, np.int64), scale.astype(np.float32), offset.astype(np.float32))
+        return self._affine
+
+    def settle(self) -> None:
+        """The state changed (rows appended, a class removed): recompute the calibration now."""
+        self._affine = None
+        self.affine()
 
     def base_statistics(self) -> tuple:
         """(G, Q, per-class counts) of the engine directory (generation 0)."""
@@ -148,6 +233,7 @@ class RanPACHead(Head):
         E[:, j] = np.concatenate([np.full(len(p[0]), p[2]) for p in parts])
         rh.update(F, d, E)
         self.current = rh.W.astype(np.float32)
+        self._affine = None
 
     def remove(self, j: int, entry, rows: np.ndarray) -> None:
         """Drop class ``j``'s column (exact: W's columns are independent given G); an enrolled
@@ -159,10 +245,12 @@ class RanPACHead(Head):
             wg, _ = self.row_weights(len(rows))
             rh.update(rows, np.full(len(rows), -wg), np.zeros((len(rows), rh.num_classes)))
         self.current = rh.W.astype(np.float32)
+        self._affine = None
 
     def refactor(self) -> None:
         self.ridge().refactor(resolve_W=True)
         self.current = self.ridge().W.astype(np.float32)
+        self._affine = None
 
     def solution(self) -> np.ndarray:
         return self.current
