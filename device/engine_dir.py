@@ -69,6 +69,23 @@ def load_tensors(path, manifest: EngineManifest, stem: str) -> dict:
     return split_learner(flat, list(manifest.learners))
 
 
+def load_tensor_names(path, manifest: EngineManifest, stem: str, names: list) -> dict:
+    """Only the tensors ``names`` (flat, ``<learner>.<kind>.<name>``) of ``stem.safetensors``, those
+    present: small statistics (Q, counts) without reading G."""
+    from safetensors import safe_open
+
+    file = f"{stem}.safetensors"
+    if file not in manifest.files:
+        return {}
+
+    def load(p):
+        with safe_open(p, framework="numpy") as f:
+            keys = set(f.keys())
+            return {k: f.get_tensor(k) for k in names if k in keys}
+
+    return load_tensor_file(load, Path(path) / file, f"engine directory {path}", engine_fix(path))
+
+
 def load_heads(path, manifest: EngineManifest) -> dict:
     """{learner: :class:`~edgecl.device.heads.Head`} through the head registry."""
     tensors = load_tensors(path, manifest, "heads")

@@ -41,7 +41,7 @@ from edgecl.core.errors import EdgeclError
 from edgecl.core.formats import ClassEntry, EngineManifest, check_output_path, unpack
 from edgecl.core.labels import check_label, shown
 
-from .engine_dir import class_names, load_heads, load_tensors, read_manifest, verify
+from .engine_dir import class_names, load_heads, load_tensor_names, load_tensors, read_manifest, verify
 from .heads import StoreView
 from .store import ClassStore, StoreState, default_store_path
 
@@ -135,6 +135,7 @@ class ClassHeads:
         self.store = ClassStore(store_path, manifest.identity(), log)
         self._policy = policy
         self._stats = None  # the engine's class statistics, read on first use (base_stats)
+        self._small_stats: dict = {}  # single statistics read alone (base_stat)
         state = self.store.load()
         if state is None:
             state = self.initial_state()
@@ -155,7 +156,7 @@ class ClassHeads:
         self.heads = {ln: type(h)(h.tensors) for ln, h in self.heads.items()}
         for ln, head in self.heads.items():
             head.attach(StoreView(ln, state, lambda ln=ln: self.base_stats(ln), str(self.engine_dir),
-                                  self.refactor_every, self.log))
+                                  self.refactor_every, self.log, lambda name, ln=ln: self.base_stat(ln, name)))
 
     def reload(self) -> None:
         """Drop what was not committed and serve the store's newest generation (another process may
@@ -212,6 +213,16 @@ class ClassHeads:
         if self._stats is None:
             self._stats = load_tensors(self.engine_dir, self.manifest, "stats")
         return unpack(self._stats[ln], self.heads[ln].kind)
+
+    def base_stat(self, ln: str, name: str):
+        """One of the learner's class statistics (None when absent), read alone unless all are loaded:
+        serving a store's enrolled classes needs Q and the counts, not G."""
+        if self._stats is not None:
+            return self.base_stats(ln).get(name)
+        key = f"{ln}.{self.heads[ln].kind}.{name}"
+        if key not in self._small_stats:
+            self._small_stats[key] = load_tensor_names(self.engine_dir, self.manifest, "stats", [key]).get(key)
+        return self._small_stats[key]
 
     # ----------------------------------------------------------------- inference
     def head_inputs(self, features: dict) -> dict:

@@ -67,6 +67,7 @@ def test_the_calibration_follows_rename_removal_and_reload(tmp_path):
     before = rt.heads.heads["main"].affine()
     rt2 = runtime(eng)  # another process: the store's W, the calibration recomputed from the state
     again = rt2.heads.heads["main"].affine()
+    assert rt2.heads._stats is None  # serving needs Q and the counts, read alone: never G
     for a, b in zip(before, again):
         np.testing.assert_allclose(a, b, rtol=1e-5)
     rt2.heads.rename("new6", "six")

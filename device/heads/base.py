@@ -61,7 +61,8 @@ class StoreView:
     """What a head sees of the device's store: its learner's name, the store state (classes in
     logit order, enrolled rows per learner, weighting policy; :class:`edgecl.device.store.StoreState`),
     a loader of its class statistics from the engine directory's ``stats.safetensors`` (names
-    without prefix; ``{}`` when the directory has none), and the refactor period of ridge heads."""
+    without prefix; ``{}`` when the directory has none), a loader of one of them alone, and the
+    refactor period of ridge heads."""
 
     learner: str
     state: object
@@ -69,6 +70,14 @@ class StoreView:
     engine_dir: str = ""
     refactor_every: int = 32
     log: Callable = print
+    base_stat: Optional[Callable[[str], Optional[np.ndarray]]] = None  # one statistic, read alone (or None)
+
+    def stat(self, name: str) -> Optional[np.ndarray]:
+        """One of the learner's class statistics (``Q``, ``counts``...; None when absent), read
+        without the others when the engine directory allows (G is large)."""
+        if self.base_stat is not None:
+            return self.base_stat(name)
+        return self.base_stats().get(name)
 
     @property
     def rows(self) -> np.ndarray:

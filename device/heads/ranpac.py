@@ -99,9 +99,8 @@ class RanPACHead(Head):
     def _samples(self) -> tuple:
         """(N, mean head input m, Q0) of the engine's training samples, from its statistics (kept)."""
         if self._sample_stats is None:
-            stats = self.view.base_stats()
-            Q0 = np.asarray(stats["Q"], np.float64)
-            counts = stats.get("counts")
+            Q0 = np.asarray(self.view.stat("Q"), np.float64)
+            counts = self.view.stat("counts")
             n = float(np.sum(counts)) if counts is not None else float(np.sum(self.base_statistics()[2]))
             self._sample_stats = (n, Q0.sum(1) / max(n, 1.0), Q0)
         return self._sample_stats
@@ -131,7 +130,7 @@ class RanPACHead(Head):
         st = self.view.state if self.view is not None else None
         margin = None if st is None else st.policy.get("margin")
         cols = [] if st is None else [j for j, c in enumerate(st.classes) if c.uid is not None]
-        if margin is None or not cols or "Q" not in self.view.base_stats():
+        if margin is None or not cols or self.view.stat("Q") is None:
             self._affine = none
             return none
         n, m, _ = self._samples()
@@ -178,7 +177,11 @@ class RanPACHead(Head):
     def n_ref(self) -> float:
         """The engine classes' typical sample count (the median), the weighting's reference."""
         if self._n_ref is None:
-            self.ridge()
+            counts = self.view.stat("counts")
+            if counts is not None:  # recorded: no need to read G
+                self._n_ref = float(np.median(counts)) if len(counts) else 1.0
+            else:
+                self.ridge()
         return self._n_ref
 
     def row_weights(self, n: int) -> tuple:

@@ -52,6 +52,7 @@ class Learner:
         self.num_seen = 0
         self.progress = True  # progress bars (run_sessions sets it)
         self.dist = SINGLE  # the run's processes (edgecl.distributed; train sets it under torchrun)
+        self._compiled: set = set()  # ids of the models compiled in place (train.compile)
         self._versions: dict = {}
         self.volatile: set = set()  # tags of models that change every session: no full-set caching
         self._cache: dict = {}
@@ -168,9 +169,11 @@ class Learner:
         history = []
         for m in modules:
             petlib.set_pet_train_mode(m, True)
-        if tc.compile:  # torch.compile, in place: the PET state-dict names stay as they are
+        if tc.compile:  # torch.compile, in place (the PET state-dict names stay); once per model
             for m in modules:
-                m.compile()
+                if id(m) not in self._compiled:
+                    m.compile()
+                    self._compiled.add(id(m))
         run_step = self.dist.step(params, step, self.device)
         cuda = self.device.type == "cuda"
         bf16 = tc.precision == "bf16"  # autocast of the training steps only: statistics are taken in float32
