@@ -92,6 +92,37 @@ def accuracy(scores: np.ndarray, labels: np.ndarray, new_mask: np.ndarray) -> di
             "hmean": round(float(2 * old * new / max(old + new, 1e-9)), 2)}
 
 
+def imprint(head, rows_by_class: list, evals: dict, center: bool = False, tune: bool = False) -> dict:
+    """Prototype imprinting: each new class's mean row as a column (normalised, Coral-style) beside
+    the engine's ridge columns. ``center``: means taken after removing the mean h of the engine's
+    data; ``tune``: the column scale picked on the select split (imprinting's best case), else the
+    mean norm of the existing columns. Returns ``ms_per_class``, ``scale`` and per evaluation set
+    (``evals``: {name: (features, labels)}, labels >= the engine's classes are new) the accuracy."""
+    from edgecl.device.enroll import imprint_columns
+
+    W = head.W
+    _, Q, counts = head.base_statistics()
+    mu = (Q.sum(1) / counts.sum()).astype(np.float32) if center else np.zeros(Q.shape[0], np.float32)
+    t = time.perf_counter()
+    W2 = imprint_columns(W, [rows - mu for rows in rows_by_class])
+    ms = 1000 * (time.perf_counter() - t) / len(rows_by_class)
+    Hs = {name: head.inputs(F) for name, (F, _) in evals.items()}
+    k = W.shape[1]
+
+    def scores(name, mult):
+        return np.concatenate([Hs[name] @ W2[:, :k], (Hs[name] - mu) @ W2[:, k:] * mult], 1)
+
+    mult = 1.0
+    if tune:
+        grid = 2.0 ** np.arange(-12, 4.01, 0.5)
+        y = evals["select"][1]
+        mult = float(max(grid, key=lambda m: accuracy(scores("select", m), y, y >= k)["hmean"]))
+    out = {"ms_per_class": round(ms, 1), "scale": mult}
+    for name, (_F, y) in evals.items():
+        out[name] = accuracy(scores(name, mult), y, y >= k)
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = parser(PROG, __doc__)
@@ -103,7 +134,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from edgecl.device.engine_dir import read_manifest
-    from edgecl.device.enroll import ClassHeads, augment_views, imprint_columns
+    from edgecl.device.enroll import ClassHeads, augment_views
     from edgecl.device.runtime import Runtime
 
     cache = Path(args.cache)
@@ -162,33 +193,8 @@ def main(argv=None) -> int:
         shutil.rmtree(store, ignore_errors=True)
 
     def imprinting(label, views, average=False, center=False, tune=False):
-        """Class-mean columns (normalised, Coral-style) added beside the engine's ridge columns;
-        ``center``: means taken after removing the mean h of the engine's data; ``tune``: the
-        column scale picked on the select split (imprinting's best case), else the mean norm
-        of the existing columns."""
-        W = head.W
-        _, Q, counts = head.base_statistics()
-        mu = (Q.sum(1) / counts.sum()).astype(np.float32) if center else np.zeros(Q.shape[0], np.float32)
-        t = time.perf_counter()
-        W2 = imprint_columns(W, [view_rows(enroll_h[c], views, average) - mu for c in new_names])
-        ms = 1000 * (time.perf_counter() - t) / len(new_names)
-        Hs = {name: head.inputs(F) for name, (F, _) in evals.items()}
-        k = len(old_names)
-
-        def scores(name, mult):
-            base = Hs[name] @ W2[:, :k]
-            new = (Hs[name] - mu) @ W2[:, k:] * mult
-            return np.concatenate([base, new], 1)
-
-        mult = 1.0
-        if tune:
-            grid = 2.0 ** np.arange(-12, 4.01, 0.5)
-            y = evals["select"][1]
-            mult = float(max(grid, key=lambda m: accuracy(scores("select", m), y, y >= k)["hmean"]))
-        row = {"method": label, "views": list(views), "averaged": average, "ms_per_class": round(ms, 1),
-               "scale": mult}
-        for name, (_F, y) in evals.items():
-            row[name] = accuracy(scores(name, mult), y, y >= k)
+        res = imprint(head, [view_rows(enroll_h[c], views, average) for c in new_names], evals, center, tune)
+        row = {"method": label, "views": list(views), "averaged": average, **res}
         results.append(row)
         print(json.dumps(row))
 

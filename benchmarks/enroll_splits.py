@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import markdown_table, parser, write_results
-from benchmarks.enroll import accuracy, cached, evaluation_sets, features, list_images, load_frames
+from benchmarks.enroll import accuracy, cached, evaluation_sets, features, imprint, list_images, load_frames
 
 PROG = "python -m benchmarks enroll_splits"
 VIEWS = ("id", "flip", "crop", "cropflip")
@@ -102,22 +102,8 @@ def closed_form(split: dict, policy: dict, shots: int, work: Path, views=VIEWS) 
 
 def imprinting(split: dict, shots: int) -> dict:
     """Centred class means as columns beside the ridge columns, their scale tuned on select."""
-    from edgecl.device.enroll import imprint_columns
-
-    head = split["head"]
-    _G, Q, counts = head.base_statistics()
-    mu = (Q.sum(1) / counts.sum()).astype(np.float32)
-    W2 = imprint_columns(head.W, [rows_of(split, c, shots) - mu for c in split["new"]])
-    k = len(split["old"])
-    Hs = {name: head.inputs(F) for name, (F, _y) in split["sets"].items()}
-
-    def scores(name, mult):
-        return np.concatenate([Hs[name] @ W2[:, :k], (Hs[name] - mu) @ W2[:, k:] * mult], 1)
-
-    y = split["sets"]["select"][1]
-    grid = 2.0 ** np.arange(-12, 4.01, 0.5)
-    mult = float(max(grid, key=lambda m: accuracy(scores("select", m), y, y >= k)["hmean"]))
-    return {name: accuracy(scores(name, mult), yy, yy >= k) for name, (_F, yy) in split["sets"].items()}
+    rows = [rows_of(split, c, shots) for c in split["new"]]
+    return imprint(split["head"], rows, split["sets"], center=True, tune=True)
 
 
 def repeated(engine: str, root: Path, shots: int, work: Path, log=print) -> list:
@@ -202,10 +188,11 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="enroll-splits-"))
     rules = {f"uncalibrated b={b:g}": {**UNCALIBRATED, "beta": b} for b in args.betas}
     rules.update({f"calibrated m={m:g}": {**DEFAULT_POLICY, "margin": m} for m in args.margins})
-    per_split = []
+    per_split, splits = [], []
     t0 = time.perf_counter()
     for engine in args.engines:
         split = split_features(engine, root, args.shots, cache)
+        splits.append(split)
         before = evaluate(split, split["head"].logits)
         res = {"engine": engine, "new_classes": split["new"], "before": before, "rules": {}}
         for label, policy in rules.items():
@@ -231,8 +218,7 @@ def main(argv=None) -> int:
     chosen = choose(list(rules))
     # the views (issue 21 re-makes the choice of docs/DEVICE.md over the splits), under the chosen rule
     two = f"{chosen}, views id+flip"
-    for res, engine in zip(per_split, args.engines):
-        split = split_features(engine, root, args.shots, cache)
+    for res, split, engine in zip(per_split, splits, args.engines):
         res["rules"][two] = closed_form(split, rules[chosen], args.shots, work, views=("id", "flip"))
         print(json.dumps({"engine": engine, "rule": two, **res["rules"][two]}))
     chosen_views = choose([chosen, two])

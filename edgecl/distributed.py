@@ -239,12 +239,12 @@ def is_main_process() -> bool:
 
 def from_env(device: str = "auto") -> Dist:
     """The run's :class:`Dist` from torchrun's environment (:data:`SINGLE` without it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
+    if not requested():
         return SINGLE
     import torch
     import torch.distributed as dist
 
+    world = int(os.environ["WORLD_SIZE"])
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device != "cpu" and torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"

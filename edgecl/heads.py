@@ -55,12 +55,15 @@ class Prototypes:
             grow = n_cls - self.num_classes
             self.sums = torch.cat([self.sums, self.sums.new_zeros(grow, self.sums.shape[1])])
             self.counts = torch.cat([self.counts, self.counts.new_zeros(grow)])
-        sums, counts = torch.zeros_like(self.sums), torch.zeros_like(self.counts)
+        # one process: into the statistics themselves; several: into increments, summed, then added
+        sums, counts = ((torch.zeros_like(self.sums), torch.zeros_like(self.counts)) if dist.active
+                        else (self.sums, self.counts))
         sums.index_add_(0, labels, features.double())
         counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
-        dist.sum(sums, counts)
-        self.sums += sums
-        self.counts += counts
+        if dist.active:
+            dist.sum(sums, counts)
+            self.sums += sums
+            self.counts += counts
 
     def means(self) -> torch.Tensor:
         return (self.sums / self.counts.clamp(min=1).unsqueeze(1)).float()
@@ -132,8 +135,9 @@ class RanPACHead:
         (``dist``: the single-process statistics up to float summation order); ``num_classes``
         makes every rank grow alike whatever labels its part holds."""
         self._grow(max(num_classes, int(labels.max()) + 1 if len(labels) else 0))
-        dG, dQ = torch.zeros_like(self.G), torch.zeros_like(self.Q)
-        dG_hold, dQ_hold = torch.zeros_like(self.G_hold), torch.zeros_like(self.Q_hold)
+        # one process: into G, Q themselves (no M x M copies); several: into increments, summed, then added
+        stats = (self.G, self.Q, self.G_hold, self.Q_hold)
+        dG, dQ, dG_hold, dQ_hold = [torch.zeros_like(t) for t in stats] if dist.active else stats
         counts = torch.bincount(labels.cpu(), minlength=self.num_classes).double()
         if holdout is None:
             holdout = torch.zeros(len(labels), dtype=torch.bool)
@@ -147,11 +151,12 @@ class RanPACHead:
             if hold.any():
                 dG_hold += h[hold].T @ h[hold]
                 dQ_hold += h[hold].T @ y[hold]
-        dist.sum(dG, dQ, dG_hold, dQ_hold, counts)
-        self.G += dG
-        self.Q += dQ
-        self.G_hold += dG_hold
-        self.Q_hold += dQ_hold
+        if dist.active:
+            dist.sum(dG, dQ, dG_hold, dQ_hold, counts)
+            self.G += dG
+            self.Q += dQ
+            self.G_hold += dG_hold
+            self.Q_hold += dQ_hold
         self.counts += counts
 
     def holdout_error(self, lam: float) -> float:

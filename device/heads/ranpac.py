@@ -136,17 +136,11 @@ class RanPACHead(Head):
         n, m, _ = self._samples()
         W = np.asarray(self.current, np.float64)[:, cols]
         rows = np.asarray(self.view.rows, np.float64)
-        counts = st.counts()
         Q = np.zeros_like(W)
         weighted = np.zeros_like(rows)  # every enrolled row times its class's weight in G
-        for i, j in enumerate(cols):
-            sel = st.rows_of(st.classes[j].uid)
-            wg, wq = self.row_weights(counts.get(st.classes[j].uid, 0))
+        for i, (_j, sel, wg, wq) in enumerate(self._enrolled()):  # in the order of cols
             Q[:, i] = wq * rows[sel].sum(0)
-        for c in st.classes:
-            if c.uid is not None:
-                sel = st.rows_of(c.uid)
-                weighted[sel] = self.row_weights(counts.get(c.uid, 0))[0] * rows[sel]
+            weighted[sel] = wg * rows[sel]
         G0W = Q - self.lam * W - weighted.T @ (rows @ W)
         mean, sd = self._logit_moments(W, G0W, n, m)
         ref_mean, ref_sd = self.reference()
@@ -184,6 +178,15 @@ class RanPACHead(Head):
                 self.ridge()
         return self._n_ref
 
+    def _enrolled(self):
+        """Per enrolled class, in logit order: (its column j, the indices of its rows, the weight of
+        its rows in G, the weight of its Q column): what the ridge and the calibration add."""
+        st = self.view.state
+        n_by_uid = st.counts()
+        for j, c in enumerate(st.classes):
+            if c.uid is not None:
+                yield (j, st.rows_of(c.uid), *self.row_weights(n_by_uid.get(c.uid, 0)))
+
     def row_weights(self, n: int) -> tuple:
         """(weight of the class's rows in G, weight of its Q column) for a class of ``n`` rows."""
         pol = self.view.state.policy
@@ -199,16 +202,13 @@ class RanPACHead(Head):
         self._n_ref = float(np.median(counts)) if len(counts) else 1.0
         st = self.view.state
         Q = np.zeros((G.shape[0], len(st.classes)))
-        n_by_uid = st.counts()
         for j, c in enumerate(st.classes):
             if c.base is not None:
                 Q[:, j] = Q_base[:, c.base]
-        for j, c in enumerate(st.classes):
-            if c.uid is not None:
-                H = self.view.rows[st.rows_of(c.uid)].astype(np.float64)
-                wg, wq = self.row_weights(n_by_uid.get(c.uid, 0))
-                G += wg * (H.T @ H)
-                Q[:, j] = wq * H.sum(0)
+        for j, sel, wg, wq in self._enrolled():
+            H = self.view.rows[sel].astype(np.float64)
+            G += wg * (H.T @ H)
+            Q[:, j] = wq * H.sum(0)
         W = st.W.get(self.view.learner)
         ok = W is not None and W.shape == Q.shape
         self._ridge = RidgeHead(G, Q, self.lam, W=W if ok else None, refactor_every=self.view.refactor_every)

@@ -122,24 +122,24 @@ function startRename(row, cell, old) {
   input.focus();
   input.select();
   cancel.onclick = () => { cell.replaceChildren(old); };
-  const go = async () => {
-    try {
-      const r = await post("/api/rename", { old: old, new: input.value });
-      say("renamed '" + r.old + "' to '" + r.new + "' (generation " + r.generation + ")");
-      await refresh(true);
-    } catch (e) { say("rename: " + e.message, true); }
-  };
+  const go = () => change("rename", "/api/rename", { old: old, new: input.value },
+                          (r) => "renamed '" + r.old + "' to '" + r.new + "' (generation " + r.generation + ")");
   ok.onclick = go;
   input.onkeydown = (ev) => { if (ev.key === "Enter") go(); if (ev.key === "Escape") cancel.onclick(); };
 }
 
+// one change of the classes: POST it, say what it did (or why not), show the new state
+async function change(what, path, body, done) {
+  try {
+    say(done(await post(path, body)));
+    await refresh(true);
+  } catch (e) { say(what + ": " + e.message, true); }
+}
+
 async function removeClass(name) {
   if (!confirm("Remove the class '" + name + "'? (a rollback can bring it back)")) return;
-  try {
-    const r = await post("/api/remove", { name: name });
-    say("removed '" + r.removed + "' (generation " + r.generation + ")");
-    await refresh(true);
-  } catch (e) { say("remove: " + e.message, true); }
+  await change("remove", "/api/remove", { name: name },
+               (r) => "removed '" + r.removed + "' (generation " + r.generation + ")");
 }
 
 // ---------------------------------------------------------------- history
@@ -184,11 +184,8 @@ function showHistory(h) {
 
 async function rollback(g) {
   if (!confirm("Roll back to generation " + g + "? (committed as a new generation; nothing is lost)")) return;
-  try {
-    const r = await post("/api/rollback", { to: g });
-    say("rolled back to generation " + r.to + " (committed as generation " + r.generation + ")");
-    await refresh(true);
-  } catch (e) { say("rollback: " + e.message, true); }
+  await change("rollback", "/api/rollback", { to: g },
+               (r) => "rolled back to generation " + r.to + " (committed as generation " + r.generation + ")");
 }
 
 // ---------------------------------------------------------------- enroll
