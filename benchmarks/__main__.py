@@ -24,6 +24,7 @@ SUITES = (
     "device_video_parity",
     "enroll",
     "enroll_splits",
+    "open_set",
     "serve",
 )
 

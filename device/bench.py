@@ -6,7 +6,9 @@
 * frames per second of that loop (no capture, no display);
 * enrollment per class beyond feature extraction: projection + rank-k update of every head
   (``enroll_ms`` median over ``enroll_classes`` classes of ``enroll_frames`` frames x views),
-  and the one-time preparation (loading G, first Cholesky factor) separately;
+  and the one-time preparation (loading G, first Cholesky factor) separately; on an engine with
+  unknown rejection, the threshold's recomputation after each enrollment (``threshold_ms``: the
+  held-out images through the new heads; the first one also projects them, once);
 * store size: bytes of one committed generation after those classes, and of the whole store.
 
 Enrollment goes to a temporary store; the engine directory's own store is not touched.
@@ -72,12 +74,14 @@ def run_bench(engine_dir, backend: str = "auto", frames: int = 200, warmup: int 
         t0 = time.perf_counter()
         rt.heads.prepare()  # load the statistics, first factorisation
         prepare_ms = 1000 * (time.perf_counter() - t0)
-        enroll_ms, feat_ms, commit_ms = [], [], []
+        enroll_ms, feat_ms, commit_ms, threshold_ms = [], [], [], []
         for c in range(enroll_classes):
             imgs = synthetic_frames(enroll_frames, rt.size, rt.size, seed=100 + c)
             info = rt.enroll_frames(f"bench-{c}", imgs, views=DEFAULT_VIEWS)
             feat_ms.append(info["features_ms"])
             enroll_ms.append(info["update_ms"])
+            if "threshold_ms" in info:
+                threshold_ms.append(info["threshold_ms"])
             t0 = time.perf_counter()
             rt.heads.commit()
             commit_ms.append(1000 * (time.perf_counter() - t0))
@@ -93,6 +97,7 @@ def run_bench(engine_dir, backend: str = "auto", frames: int = 200, warmup: int 
                        "enroll_ms_per_class": _stats(enroll_ms) if enroll_ms else None,
                        "feature_ms_per_class": _stats(feat_ms) if feat_ms else None,
                        "commit_ms": _stats(commit_ms) if commit_ms else None,
+                       "threshold_ms": _stats(threshold_ms) if threshold_ms else None,
                        "prepare_ms_once": round(prepare_ms, 1),
                        "refactor_ms": round(refactor_ms, 1), "refactor_every": rt.heads.refactor_every,
                        "enroll_ms_amortized": round(float(np.median(enroll_ms))

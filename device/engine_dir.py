@@ -10,6 +10,8 @@ sha256)::
                            prototypes.sums / prototypes.counts, or linear.weight / linear.bias
     stats.safetensors      per learner "<learner>.<kind>.<tensor>": ranpac.G / ranpac.Q / ranpac.counts
                            (enrollment); SLCA family: classstats.*
+    openset.safetensors    held-out training images' features per learner ("features.<learner>", float16)
+                           and engine classes ("labels"): the unknown threshold (edgecl.device.openset)
     classes.json           class names in logit order
     parity.json            ONNX Runtime vs PyTorch report of the export
     calibration/           INT8 calibration caches with their keys
@@ -25,6 +27,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from edgecl.core.durable import sha256_file
 from edgecl.core.errors import EdgeclError
@@ -84,6 +88,28 @@ def load_tensor_names(path, manifest: EngineManifest, stem: str, names: list) ->
             return {k: f.get_tensor(k) for k in names if k in keys}
 
     return load_tensor_file(load, Path(path) / file, f"engine directory {path}", engine_fix(path))
+
+
+def load_open_set(path, manifest: EngineManifest):
+    """The unknown-rejection calibration (:class:`~edgecl.device.openset.Calibration`) of the
+    directory, None when it was exported without one."""
+    from safetensors.numpy import load_file
+
+    from .openset import Calibration
+
+    cal = manifest.open_set
+    if cal is None:
+        return None
+    if cal.file not in manifest.files:
+        raise EdgeclError(f"engine directory {path}: the manifest's open_set names {cal.file}, which it does not "
+                          f"bind; {engine_fix(path)}")
+    t = load_tensor_file(load_file, Path(path) / cal.file, f"engine directory {path}", engine_fix(path))
+    feats = {ln: t.get(f"features.{ln}") for ln in manifest.learners}
+    if any(f is None for f in feats.values()) or "labels" not in t:
+        raise EdgeclError(f"engine directory {path}: {cal.file} lacks the held-out features of a learner; "
+                          f"{engine_fix(path)}")
+    return Calibration(cal.score, float(cal.accept_rate), float(cal.temperature), tuple(cal.platt), feats,
+                       np.asarray(t["labels"], np.int64))
 
 
 def load_heads(path, manifest: EngineManifest) -> dict:

@@ -194,6 +194,15 @@ class ClassHeads:
         self.use_state(target)
         return self.commit() if commit else None
 
+    def state_key(self) -> tuple:
+        """Changes whenever the classes or rows served change (enroll, rename, remove, reload, rollback)."""
+        st = self.state
+        return (id(st), st.generation, len(st.history), len(st.row_uid), tuple(st.names))
+
+    def base_classes(self) -> list:
+        """Per current class, its index among the engine's classes (None for enrolled ones)."""
+        return [c.base for c in self.state.classes]
+
     @property
     def learners(self) -> dict:
         """{learner: head kind}."""

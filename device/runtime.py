@@ -2,8 +2,9 @@
 
 Per frame: :func:`fit_frame` (shorter side to the model's input size, centre crop; nothing to
 do when the source already delivers that size) -> backend (preprocessing is in the graph) ->
-each learner's head -> entropy-weighted aggregation (SAFE, gamma from the manifest) -> top-k
-with an "unknown" threshold.
+each learner's head -> entropy-weighted aggregation (SAFE, gamma from the manifest) -> top-k,
+the top label ``unknown`` when the rejection score is below the threshold that accepts
+``--accept-rate`` of known images (:mod:`edgecl.device.openset`), with a calibrated confidence.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def fit_frame(frame: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(square, (size, size), interpolation=interp)
 
 
-def topk(scores: np.ndarray, classes: list, k: int = 3, unknown_below: float | None = None) -> list:
-    """Per row: [(label, score)] best first; the top label becomes ``unknown`` when its score is
-    below ``unknown_below`` (scores are the heads' outputs: ridge regression targets, ~1 = sure)."""
+def topk(scores: np.ndarray, classes: list, k: int = 3, known=None) -> list:
+    """Per row: [(label, score)] best first; the top label becomes ``unknown`` where ``known`` (a
+    boolean per row, :meth:`Runtime.judge`) is False."""
     k = min(k, scores.shape[1])
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(
         np.arange(scores.shape[1]), (len(scores), 1))
@@ -63,9 +64,11 @@ def topk(scores: np.ndarray, classes: list, k: int = 3, unknown_below: float | N
     for row, ids in zip(scores, part):
         ids = ids[np.argsort(-row[ids])]
         items = [(classes[i], float(row[i])) for i in ids]
-        if unknown_below is not None and items and items[0][1] < unknown_below:
-            items[0] = (UNKNOWN, items[0][1])
         out.append(items)
+    if known is not None:
+        for items, ok in zip(out, known):
+            if items and not ok:
+                items[0] = (UNKNOWN, items[0][1])
     return out
 
 
@@ -73,7 +76,8 @@ class Runtime:
     """Open an engine directory for inference and enrollment (verifies the manifest hashes)."""
 
     def __init__(self, engine_dir, backend: str = "auto", store=None, threads: int = 0, policy=None,
-                 project_in_engine: bool = True, precision: str | None = None, log: Callable = print):
+                 project_in_engine: bool = True, precision: str | None = None, accept_rate: float | None = None,
+                 unknown_below: float | None = None, log: Callable = print):
         self.engine_dir = Path(engine_dir)
         manifest = open_engine_dir(engine_dir).manifest  # hashes verified, heads match classes.json
         self.manifest = manifest
@@ -83,6 +87,42 @@ class Runtime:
         proj = self.heads.projections if project_in_engine else None
         self.backend = open_backend(engine_dir, manifest, backend, threads, log, projections=proj, precision=precision)
         self.log = log
+        self.unknown_below = unknown_below
+        self.open_set = self._open_set(accept_rate, unknown_below)
+
+    def _open_set(self, accept_rate, unknown_below):
+        """The rejection of unknowns the engine directory was calibrated for (None: not calibrated)."""
+        from .engine_dir import load_open_set
+        from .openset import OpenSet, check_accept_rate
+
+        if accept_rate is not None:
+            check_accept_rate(accept_rate)
+        calib = load_open_set(self.engine_dir, self.manifest)
+        if calib is None:
+            if accept_rate is not None:
+                raise EdgeclError(f"--accept-rate: engine directory {self.engine_dir} was exported without unknown-"
+                                  f"rejection calibration (no held-out training images); export it again with "
+                                  f"--holdout-data DIR, or give a raw --unknown-below threshold")
+            return None
+        return OpenSet(calib, lambda inputs: self.predict_features(inputs)[0], self.heads.state_key,
+                       self.heads.base_classes, accept_rate=accept_rate, unknown_below=unknown_below,
+                       to_inputs=lambda feats: {f"{ln}:h": h for ln, h in self.heads.head_inputs(feats).items()})
+
+    def judge(self, scores: np.ndarray) -> dict | None:
+        """``{"score", "confidence", "known", "threshold"}`` per row of predicted scores (None when
+        nothing is judged: an uncalibrated engine without --unknown-below)."""
+        if self.open_set is not None:
+            return self.open_set.judge(scores)
+        if self.unknown_below is not None:  # an uncalibrated engine: the raw top score, as given
+            top = np.asarray(scores, np.float64).max(1)
+            return {"score": top, "confidence": None, "known": top >= self.unknown_below,
+                    "threshold": float(self.unknown_below)}
+        return None
+
+    def top(self, res: dict, k: int = 3) -> list:
+        """Top-k labels of each row of a :meth:`classify` result, ``unknown`` where it was rejected."""
+        verdict = res.get("open_set")
+        return topk(res["scores"], self.classes, k, None if verdict is None else verdict["known"])
 
     @property
     def classes(self) -> list:
@@ -103,13 +143,16 @@ class Runtime:
         return predict(self.heads.logits(feats), self.aggregation, return_weights=True)
 
     def classify(self, frames: np.ndarray) -> dict:
-        """Fitted uint8 frames -> ``{"scores", "weights", "engine_ms", "heads_ms"}``."""
+        """Fitted uint8 frames -> ``{"scores", "weights", "open_set", "engine_ms", "heads_ms"}``
+        (``open_set``: :meth:`judge` of the scores)."""
         t0 = time.perf_counter()
         feats = self.backend.infer(frames)
         t1 = time.perf_counter()
         scores, w = self.predict_features(feats)
+        verdict = self.judge(scores)
         t2 = time.perf_counter()
-        return {"scores": scores, "weights": w, "engine_ms": 1000 * (t1 - t0), "heads_ms": 1000 * (t2 - t1)}
+        return {"scores": scores, "weights": w, "open_set": verdict, "engine_ms": 1000 * (t1 - t0),
+                "heads_ms": 1000 * (t2 - t1)}
 
     def enroll_source(self, name: str, spec: str, max_frames: int | None = None, views=None) -> dict:
         """Enroll class ``name`` from the frames of a ``--source`` spec (an image folder, a video,
@@ -138,4 +181,8 @@ class Runtime:
         t1 = time.perf_counter()
         info = self.heads.enroll(name, rows)
         info.update({"frames": len(frames), "features_ms": 1000 * (t1 - t0)})
+        if self.open_set is not None:  # the unknown threshold of the new classes, now rather than on the next frame
+            t2 = time.perf_counter()
+            self.open_set.threshold()
+            info["threshold_ms"] = 1000 * (time.perf_counter() - t2)
         return info

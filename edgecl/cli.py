@@ -136,8 +136,12 @@ def train(data, val_data, dataset, method, profile, backbone, weights, pretraine
 @click.option("--backend", help="Engine directory only: as for edgecl run (default auto).")
 @click.option("--store", type=click.Path(file_okay=False),
               help="Engine directory only: the class-statistics store (default ENGINE_DIR/store).")
+@click.option("--unknown-data", type=click.Path(),
+              help="Engine directory only: an ImageFolder of classes the engine does not know; adds the open_set "
+                   "report (AUROC, FPR at 95% TPR, the max-softmax baseline, accept and reject rates).")
+@click.option("--accept-rate", type=float, help="Engine directory only: as for edgecl run (default: the engine's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(path, data, split, per_class, precision, backend, store, as_json):
+def eval_(path, data, split, per_class, precision, backend, store, unknown_data, accept_rate, as_json):
     """Top-1 accuracy of a bundle (or engine directory) on an ImageFolder.
 
     An engine directory is evaluated as the device predicts: the backend edgecl run takes,
@@ -149,10 +153,12 @@ def eval_(path, data, split, per_class, precision, backend, store, as_json):
         from .device.evaluate import evaluate_engine_dir
 
         result = evaluate_engine_dir(path, data, split, per_class, precision=precision, backend=backend or "auto",
-                                     store=store, progress=not as_json,
+                                     store=store, progress=not as_json, unknown_data=unknown_data,
+                                     accept_rate=accept_rate,
                                      log=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
     else:
-        for flag, value in (("--precision", precision), ("--backend", backend), ("--store", store)):
+        for flag, value in (("--precision", precision), ("--backend", backend), ("--store", store),
+                            ("--unknown-data", unknown_data), ("--accept-rate", accept_rate)):
             if value:
                 raise EdgeclError(f"{flag} applies to engine directories; {path} is a bundle")
         require_all(LOAD_BUNDLE, "edgecl eval BUNDLE")
@@ -163,6 +169,16 @@ def eval_(path, data, split, per_class, precision, backend, store, as_json):
         click.echo(json.dumps(result))
     else:
         click.echo(f"accuracy {result['accuracy']:.2f} on {result['n']} images of {result['classes']} classes")
+        if "ece" in result:
+            click.echo(f"confidence ECE {result['ece']:.3f} (uncalibrated {result['ece_uncalibrated']:.3f})")
+        op = result.get("open_set")
+        if op:
+            line = (f"unknowns ({op['unknown']} images): {op['score']} AUROC {op['auroc']:.3f} (max-softmax "
+                    f"{op['auroc_msp']:.3f}), FPR at 95% TPR {op['fpr_at_95tpr']:.3f}")
+            if op.get("accept_rate") is not None:
+                line += (f"; accepted {100 * op['accept_rate']:.1f}% of known images, rejected "
+                         f"{100 * op['unknown_rejected']:.1f}% of unknown ones")
+            click.echo(line)
 
 
 @cli.command()
@@ -185,20 +201,34 @@ def eval_(path, data, split, per_class, precision, backend, store, as_json):
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs the tensorrt module and a GPU).")
 @click.option("--force", is_flag=True,
               help="Replace an engine directory that holds a device store (the store is moved beside it first).")
+@click.option("--holdout-data", type=click.Path(),
+              help="ImageFolder of held-out training images of the engine's classes to calibrate unknown rejection "
+                   "and confidence on (default: the bundle's training images it did not train on).")
+@click.option("--holdout-per-class", type=int, default=50, show_default=True,
+              help="Held-out images per class for that calibration (0: no unknown rejection).")
+@click.option("--accept-rate", type=float, default=0.95, show_default=True,
+              help="The engine's default share of known-class images to accept (edgecl run can change it).")
 def export(bundle, out, precision, calib_data, calib_count, calib_method, int8_weights, batch_range, workspace_mb, trt,
-           force):
+           force, holdout_data, holdout_per_class, accept_rate):
     """Fold PET into the backbone and export ONNX / TensorRT engines to an engine directory."""
     require_all(EXPORT, "edgecl export")
     from .export.exporter import export_bundle
 
     export_bundle(bundle, out, precision=precision, calib_data=calib_data, calib_count=calib_count,
                   calib_method=calib_method, int8_weights=int8_weights, trt=trt, batch_range=batch_range,
-                  workspace_mb=workspace_mb, force=force, log=click.echo)
+                  workspace_mb=workspace_mb, force=force, holdout_data=holdout_data,
+                  holdout_per_class=holdout_per_class, accept_rate=accept_rate, log=click.echo)
 
 
 _BACKEND = click.option("--backend", default="auto", show_default=True,
                         help="auto (TensorRT plan if usable, else ONNX Runtime TensorRT->CUDA->CPU), trt, ort, "
                              "ort-trt, ort-cuda or ort-cpu.")
+_ACCEPT_RATE = click.option("--accept-rate", type=float,
+                            help="Share of known-class images to accept (default: the engine's, 0.95); the rest, and "
+                                 "what the engine never learned, is called 'unknown'. The threshold follows every "
+                                 "enrollment, rename and removal.")
+_UNKNOWN_BELOW = click.option("--unknown-below", type=float,
+                              help="Experts: a raw threshold on the engine's rejection score instead of --accept-rate.")
 _STORE = click.option("--store", type=click.Path(file_okay=False),
                       help="The class-statistics store (default ENGINE_DIR/store).")
 
@@ -275,13 +305,14 @@ def enroll(engine_dir, name, images, source, frames, renames, removes, list_clas
 @click.option("--jsonl", type=click.Path(dir_okay=False), help="Write one JSON line per frame.")
 @click.option("--max-frames", type=int, help="Stop after N frames.")
 @click.option("--top-k", type=int, default=3, show_default=True)
-@click.option("--unknown-below", type=float, help="Label the frame 'unknown' when the top score is below this.")
+@_ACCEPT_RATE
+@_UNKNOWN_BELOW
 @click.option("--enroll-frames", type=int, default=20, show_default=True, help="Frames the 'e' key enrolls.")
 @click.option("--enroll-name", help="Label for the class the 'e' key enrolls (default class-N).")
 @_BACKEND
 @_STORE
-def run(engine_dir, source, headless, jsonl, max_frames, top_k, unknown_below, enroll_frames, enroll_name, backend,
-        store):
+def run(engine_dir, source, headless, jsonl, max_frames, top_k, accept_rate, unknown_below, enroll_frames, enroll_name,
+        backend, store):
     """The camera loop: capture, infer, aggregate, overlay."""
     require_all(DEVICE, "edgecl run")
     from .core.formats import check_output_path
@@ -298,12 +329,12 @@ def run(engine_dir, source, headless, jsonl, max_frames, top_k, unknown_below, e
     if jsonl:
         check_output_path(jsonl, "--jsonl")
     parse_source(source)  # a bad --source fails before the engine loads
-    rt = Runtime(engine_dir, backend, store=store, log=click.echo)
+    rt = Runtime(engine_dir, backend, store=store, accept_rate=accept_rate, unknown_below=unknown_below,
+                 log=click.echo)
     src = open_source(source, size=rt.size, log=click.echo)
     with src:
         summary = run_loop(rt, src, headless=headless, jsonl=jsonl, max_frames=max_frames, k=top_k,
-                           unknown_below=unknown_below, enroll_frames=enroll_frames, enroll_name=enroll_name,
-                           log=click.echo)
+                           enroll_frames=enroll_frames, enroll_name=enroll_name, log=click.echo)
     click.echo(json.dumps(summary))
 
 
@@ -317,14 +348,16 @@ def run(engine_dir, source, headless, jsonl, max_frames, top_k, unknown_below, e
 @click.option("--token", envvar="EDGECL_SERVE_TOKEN", show_envvar=True,
               help="What state-changing calls must send as 'Authorization: Bearer TOKEN'.")
 @click.option("--top-k", type=int, default=3, show_default=True)
-@click.option("--unknown-below", type=float, help="Show 'unknown' when the top score is below this.")
+@_ACCEPT_RATE
+@_UNKNOWN_BELOW
 @click.option("--fps", type=float, help="Frame rate of a video file or image folder (default: the video's, else 15).")
 @click.option("--max-images", type=int, default=100, show_default=True,
               help="Images (or camera frames) one enrollment may take.")
 @click.option("--max-upload-mb", type=int, default=64, show_default=True, help="Largest request body.")
 @_BACKEND
 @_STORE
-def serve(engine_dir, source, host, port, token, top_k, unknown_below, fps, max_images, max_upload_mb, backend, store):
+def serve(engine_dir, source, host, port, token, top_k, accept_rate, unknown_below, fps, max_images, max_upload_mb,
+          backend, store):
     """The board's web page and HTTP API: live view, enroll, rename/remove, history, rollback.
 
     Runs the camera loop and serves http://HOST:PORT/ (docs/SERVE.md). Loopback only unless
@@ -343,13 +376,14 @@ def serve(engine_dir, source, host, port, token, top_k, unknown_below, fps, max_
     if fps is not None and not 0.1 <= fps <= 240:
         raise EdgeclError(f"--fps {fps}: must be from 0.1 to 240")
     parse_source(source)  # a bad --source fails before the engine loads
-    rt = Runtime(engine_dir, backend, store=store, log=click.echo)
+    rt = Runtime(engine_dir, backend, store=store, accept_rate=accept_rate, unknown_below=unknown_below,
+                 log=click.echo)
 
     def reopen():
         return open_source(source, size=rt.size, log=click.echo)
 
-    run_server(rt, reopen(), reopen, host=host, port=port, token=token, k=top_k, unknown_below=unknown_below,
-               fps=fps, max_images=max_images, max_upload_mb=max_upload_mb, log=click.echo)
+    run_server(rt, reopen(), reopen, host=host, port=port, token=token, k=top_k, fps=fps, max_images=max_images,
+               max_upload_mb=max_upload_mb, log=click.echo)
 
 
 @cli.command()

@@ -7,9 +7,12 @@
    output per learner (opset 17, dynamic batch), checked with ``onnx.checker`` (full check).
 3. Copy heads and statistics (prefixed by learner name) and the class names.
 4. Parity report (ONNX Runtime CPU vs PyTorch) on the bundle's val images, else generated ones.
-5. ``--precision int8``: ONNX Runtime static QDQ quantization with calibration cache.
-6. ``--trt``: TensorRT engines (:mod:`edgecl.export.tensorrt`).
-7. Manifest binding every file by sha256; the directory is renamed into place atomically.
+5. Unknown rejection and confidence (:func:`open_set_calibration`): features of held-out training
+   images of the engine's classes, the temperature and confidence map fitted on them
+   (``openset.safetensors`` and the manifest's ``open_set``; docs/DEVICE.md).
+6. ``--precision int8``: ONNX Runtime static QDQ quantization with calibration cache.
+7. ``--trt``: TensorRT engines (:mod:`edgecl.export.tensorrt`).
+8. Manifest binding every file by sha256; the directory is renamed into place atomically.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from edgecl.core.formats import (
     InputSpec,
     LearnerOutput,
     ModelEntry,
+    OpenSetCalibration,
     SourceBundle,
     check_output_path,
     load_tensor_file,
@@ -111,14 +115,21 @@ def parity_images(manifest: BundleManifest, size: int, count: int, log: Callable
 def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str] = None, calib_count: int = 256,
                   calib_method: str = "minmax", int8_weights: str = "s8-7bit", trt: bool = False, batch_range=None,
                   parity_count: int = 128, workspace_mb: int = 1024, force: bool = False,
-                  log: Callable = print) -> dict:
+                  holdout_data: Optional[str] = None, holdout_per_class: int = 50,
+                  accept_rate: float = 0.95, log: Callable = print) -> dict:
     """Export ``bundle`` to the engine directory ``out``; returns its manifest.
 
     An existing engine directory at ``out`` is replaced; one that holds a device store (classes
     enrolled on the device) only with ``force``: its store is first moved to a folder beside it
     (:func:`set_store_aside`) and put back when the new engine has the same identity (same graph,
-    heads and statistics), else left there and said."""
+    heads and statistics), else left there and said.
+
+    Unknown rejection is calibrated on ``holdout_per_class`` held-out training images of each class
+    (:func:`open_set_calibration`): ``holdout_data``, else the bundle's training images it did not
+    train on; none (or ``holdout_per_class`` 0): the engine rejects nothing unless told a threshold."""
     from safetensors.numpy import save_file
+
+    from edgecl.device.openset import check_accept_rate
 
     from edgecl.device.heads import head_class, load_head
     from edgecl.train import load_learner
@@ -135,6 +146,9 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
     from .parity import parity_report
 
     check_options(precision, trt)
+    check_accept_rate(accept_rate)
+    if isinstance(holdout_per_class, bool) or not isinstance(holdout_per_class, int) or holdout_per_class < 0:
+        raise EdgeclError(f"--holdout-per-class {holdout_per_class!r}: give a count >= 0 (0: no unknown rejection)")
     batch_range = parse_batch_range(batch_range)
     if calib_method not in ("minmax", "entropy", "percentile"):
         raise EdgeclError(f"--calib-method {calib_method!r}: choose minmax, entropy or percentile")
@@ -195,6 +209,10 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
             parity["int8"] = parity_report(learner, tmp / "model.int8.qdq.onnx", imgs, heads, CHANNEL_ORDER, source,
                                            precision="int8")
         (tmp / "parity.json").write_text(json.dumps(parity, indent=2))
+        aggregation = (Aggregation(gamma=bm.learner.gamma, predict=bm.learner.inference) if len(learners) > 1
+                       else None)
+        open_set = open_set_calibration(tmp, bm, heads, aggregation, holdout_data, holdout_per_class, accept_rate,
+                                        log) if holdout_per_class else None
         for p, rep in parity.items():
             log(f"parity {p}: max abs {rep['max_abs']:.3g} (relative {rep['max_rel']:.3g}), "
                 f"top-1 agreement {100 * rep['top1_agreement']:.2f}% on {rep['images']} images")
@@ -224,8 +242,7 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
                                         feature_dim=getattr(feature_models[ln], "feature_dim", None))
                       for ln in learners},
             # SAFE: what the bundle predicts ("aggregate" of the learners, or one learner alone)
-            aggregation=Aggregation(gamma=bm.learner.gamma, predict=bm.learner.inference) if len(learners) > 1
-            else None,
+            aggregation=aggregation, open_set=open_set,
             classes=ClassesRef("classes.json", len(classes)),
             precision=precision, opset=OPSET, batch_range=list(batch_range), models=models,
             engines=[from_dict(EnginePlan, e, "the TensorRT build") for e in engines],
@@ -246,6 +263,83 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
                 f"engine; re-enroll the classes, or export that engine's bundle again to use it)")
     log(f"engine directory: {out} ({time.perf_counter() - start:.0f} s)")
     return manifest
+
+
+def holdout_images(bm: BundleManifest, classes: list, size: int, holdout_data, per_class: int) -> tuple:
+    """(uint8 RGB images, engine class index of each, source description) of held-out training
+    images of the engine's ``classes``: the first ``per_class`` of each class folder of
+    ``holdout_data``, else those of the bundle's training folder after the ones it trained on
+    (``data.train_per_class``); (None, None, why not) when there are none."""
+    from edgecl.calibration.readers import bundle_train_dir
+    from edgecl.data.imagefolder import list_images, load_files
+
+    if holdout_data is not None:
+        root = Path(holdout_data)
+        root = root / "train" if (root / "train").is_dir() else root
+        if not root.is_dir():
+            raise EdgeclError(f"--holdout-data {holdout_data}: not a folder; pass an ImageFolder of held-out "
+                              f"training images (DIR/<class>/<images>) of the engine's classes")
+        skip, what = 0, f"--holdout-data {root}"
+    else:
+        root = bundle_train_dir(bm) if bm.data_config.get("dataset", "imagefolder") == "imagefolder" else None
+        skip = bm.data_config.get("train_per_class")
+        if root is None:
+            return None, None, "the bundle's training images are not here (pass --holdout-data DIR)"
+        if skip is None:
+            return None, None, ("the bundle trained on every training image (pass --holdout-data DIR with images "
+                                "it did not train on)")
+        what = f"training images of {root} after the first {skip} of each class"
+    names, files = [], []
+    for c in classes:
+        folder = root / c
+        got = list_images(folder)[skip:skip + per_class] if folder.is_dir() else []
+        if got:
+            names.append(c)
+            files.append(got)
+    if not names:
+        return None, None, f"{what}: none of the engine's classes has held-out images there"
+    images = load_files(root, names, files, size=size, cache_dir=None, workers=2, progress=False)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.asarray([index[names[y]] for y in images.labels], np.int64)
+    return np.asarray(images.images), labels, f"{what} ({len(labels)} images, {len(names)} classes)"
+
+
+def open_set_calibration(tmp: Path, bm: BundleManifest, heads: dict, aggregation, holdout_data, per_class: int,
+                         accept_rate: float, log: Callable) -> Optional[OpenSetCalibration]:
+    """Fit the unknown rejection and the confidence of the engine in ``tmp`` on held-out training
+    images (edgecl.device.openset) and write ``openset.safetensors``: the images' features per
+    learner (float16) and classes, from which the device recomputes the threshold."""
+    from safetensors.numpy import save_file
+
+    from edgecl.device.heads import predict
+    from edgecl.device.openset import DEFAULT_SCORE, FILE, calibrate, confidence, ece, score_fn, threshold_for
+
+    from .parity import ort_features, ort_session, to_channel_order
+
+    images, labels, source = holdout_images(bm, list(bm.classes.names), int(bm.input.size), holdout_data, per_class)
+    if images is None:
+        log(f"unknown rejection not calibrated: {source}; the device will name a class for every frame "
+            f"(export with --holdout-data DIR to calibrate it)")
+        return None
+    feats = ort_features(ort_session(tmp / "model.fp32.onnx"), to_channel_order(images, CHANNEL_ORDER))
+    logits = predict({ln: head.logits(feats[ln]) for ln, head in heads.items()}, aggregation)
+    fit = calibrate(logits, labels)
+    correct = logits.argmax(1) == labels
+    scores = score_fn(DEFAULT_SCORE)(logits, fit["temperature"])
+    thr = threshold_for(scores, accept_rate)
+    tensors = {f"features.{ln}": np.ascontiguousarray(f.astype(np.float16)) for ln, f in feats.items()}
+    tensors["labels"] = labels.astype(np.int32)
+    save_file(tensors, str(tmp / FILE))
+    errors = {"uncalibrated": ece(confidence(logits), correct),
+              "temperature": ece(confidence(logits, fit["temperature"]), correct),
+              "calibrated": ece(confidence(logits, fit["temperature"], fit["platt"]), correct)}
+    log(f"unknown rejection: {DEFAULT_SCORE} score, threshold {thr:.4g} accepts {100 * accept_rate:g}% of {source}; "
+        f"temperature {fit['temperature']:.4g}, confidence ECE on them {errors['calibrated']:.3f} "
+        f"(uncalibrated {errors['uncalibrated']:.3f})")
+    return OpenSetCalibration(score=DEFAULT_SCORE, accept_rate=float(accept_rate),
+                              temperature=float(fit["temperature"]), platt=[float(v) for v in fit["platt"]],
+                              file=FILE, images=int(len(labels)), source=source, threshold=float(thr),
+                              ece={k: round(float(v), 4) for k, v in errors.items()})
 
 
 def _identity(engine_dir):

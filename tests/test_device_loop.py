@@ -134,5 +134,10 @@ def test_window_loop_enroll_key_and_topk_unknown(engines, tmp_path, monkeypatch)
     last = [json.loads(line)["top"][0][0] for line in jsonl.read_text().splitlines()][-3:]
     assert last == ["nine"] * 3  # the frames after the enrollment are recognised
     scores = np.array([[0.9, 0.1, 0.3], [0.2, 0.25, 0.1]])
-    assert topk(scores, ["a", "b", "c"], 2, unknown_below=0.5) == [[("a", 0.9), ("c", 0.3)],
-                                                                     [("unknown", 0.25), ("a", 0.2)]]
+    assert topk(scores, ["a", "b", "c"], 2, known=[True, False]) == [[("a", 0.9), ("c", 0.3)],
+                                                                       [("unknown", 0.25), ("a", 0.2)]]
+    # an engine without unknown calibration: --unknown-below is a raw threshold on the top score
+    rt = runtime(eng, unknown_below=0.5)
+    res = {"scores": scores, "open_set": rt.judge(scores)}
+    c = rt.classes
+    assert rt.top(res, 2) == [[(c[0], 0.9), (c[2], 0.3)], [("unknown", 0.25), (c[0], 0.2)]]

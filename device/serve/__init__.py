@@ -55,7 +55,7 @@ def url_of(sock: socket.socket) -> str:
 
 
 def serve(rt, source, open_source: Callable, host: str = "127.0.0.1", port: int = 8080, token: Optional[str] = None,
-          k: int = 3, unknown_below: Optional[float] = None, fps: Optional[float] = None,
+          k: int = 3, fps: Optional[float] = None,
           max_images: int = MAX_IMAGES, max_upload_mb: int = MAX_UPLOAD_MB, log: Callable = print) -> None:
     """Serve ``rt`` (a :class:`~edgecl.device.runtime.Runtime`) with the camera on ``source``
     (an open :class:`~edgecl.device.sources.Source`; ``open_source()`` opens it again after it is
@@ -71,7 +71,7 @@ def serve(rt, source, open_source: Callable, host: str = "127.0.0.1", port: int 
     if token is not None and (len(token) < 8 or not token.isprintable() or " " in token):
         raise EdgeclError("--token: use at least 8 printable characters without spaces")
     sock = listen(host, port)
-    cam = Camera(rt, open_source, source=source, k=k, unknown_below=unknown_below, fps=fps, log=log)
+    cam = Camera(rt, open_source, source=source, k=k, fps=fps, log=log)
     service = Service(rt, cam, max_images=max_images, max_upload_bytes=max_upload_mb << 20,
                       token_required=token is not None, log=log)
     app = create_app(service, token=token, loopback_only=loopback)

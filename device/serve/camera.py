@@ -31,8 +31,8 @@ import numpy as np
 
 from edgecl.core.errors import EdgeclError, one_line
 
-from ..loop import overlay
-from ..runtime import UNKNOWN, topk
+from ..loop import overlay, verdict_of
+from ..runtime import UNKNOWN
 
 DEFAULT_FPS = 15.0
 STALL_S = 3.0  # no frame for this long (and at least 5 frame intervals): the camera is reported lost
@@ -45,7 +45,8 @@ class Shot:
     """One processed frame: ``seq`` (from 1), ``captured`` (time.time() when it was read),
     the top-k ``top`` ([label, score] best first), SAFE's aggregation ``weights`` ({learner: w}
     or None), ``engine_ms`` / ``host_ms`` (host: everything of the frame but the engine, the JPEG
-    included), and ``jpeg`` (the annotated frame; None when nobody watched)."""
+    included), ``jpeg`` (the annotated frame; None when nobody watched) and ``verdict`` (unknown
+    or not, the rejection score, its threshold and the calibrated confidence; None when not judged)."""
 
     seq: int
     captured: float
@@ -54,6 +55,7 @@ class Shot:
     engine_ms: float
     host_ms: float
     jpeg: Optional[bytes] = None
+    verdict: Optional[dict] = None  # the unknown judgement (edgecl.device.loop.verdict_of), None when not judged
 
 
 @dataclass
@@ -104,9 +106,9 @@ class Camera:
     """The camera thread (module docstring). ``open_source()`` returns a fresh
     :class:`~edgecl.device.sources.Source` (the first one may be given as ``source``)."""
 
-    def __init__(self, rt, open_source: Callable, source=None, k: int = 3, unknown_below: Optional[float] = None,
+    def __init__(self, rt, open_source: Callable, source=None, k: int = 3,
                  fps: Optional[float] = None, quality: int = 80, reconnect_s: float = 2.0, log: Callable = print):
-        self.rt, self.open_source, self.k, self.unknown_below = rt, open_source, k, unknown_below
+        self.rt, self.open_source, self.k = rt, open_source, k
         self.fps_cap, self.quality, self.reconnect_s, self.log = fps, quality, reconnect_s, log
         self.lock = threading.RLock()  # the runtime's: one frame, or one change of the classes, at a time
         self._source = source
@@ -208,7 +210,8 @@ class Camera:
         with self.lock:
             fitted = rt.fit(frame)
             res = rt.classify(fitted[None])
-            top = topk(res["scores"], rt.classes, self.k, self.unknown_below)[0]
+            top = rt.top(res, self.k)[0]
+            verdict = verdict_of(res["open_set"], 0)
             weights = None if res["weights"] is None else {
                 ln: round(float(w), 4) for ln, w in zip(rt.heads.learners, res["weights"][0])}
         cap = self.capture
@@ -226,7 +229,7 @@ class Camera:
         jpeg = None
         if self.watchers > 0 or now < self._want_jpeg_until:
             shown = display_frame(frame)
-            overlay(shown, top, self.fps, note, in_place=True)
+            overlay(shown, top, self.fps, note, in_place=True, verdict=verdict)
             jpeg = encode_jpeg(shown, self.quality)
         host_ms = 1000 * (time.perf_counter() - t0) - res["engine_ms"]
         self.timings.append((res["engine_ms"], host_ms))
@@ -234,7 +237,7 @@ class Camera:
         self.totals[1] += host_ms
         self.seq += 1
         self._publish(Shot(self.seq, captured, [[lab, round(s, 5)] for lab, s in top], weights,
-                           round(res["engine_ms"], 3), round(host_ms, 3), jpeg))
+                           round(res["engine_ms"], 3), round(host_ms, 3), jpeg, verdict))
 
     def _publish(self, shot: Shot) -> None:
         with self._cond:
@@ -320,6 +323,9 @@ class Camera:
             "capture": None if cap is None else {"name": cap.name, "have": len(cap.frames), "want": cap.want},
             "prediction": None if shot is None else {
                 "seq": shot.seq, "top": top, "unknown": bool(top) and top[0][0] == UNKNOWN,
+                "score": shot.verdict["score"] if shot.verdict else None,
+                "threshold": shot.verdict["threshold"] if shot.verdict else None,
+                "confidence": shot.verdict["confidence"] if shot.verdict else None,
                 "weights": shot.weights, "engine_ms": shot.engine_ms, "host_ms": shot.host_ms,
                 "captured": shot.captured},
             "latency": {

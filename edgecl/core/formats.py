@@ -293,6 +293,26 @@ class Aggregation:
 
 
 @dataclass
+class OpenSetCalibration:
+    """Unknown rejection and confidence (edgecl.device.openset), fitted by ``edgecl export`` on
+    held-out training images of the engine's classes: the rejection ``score``, the default
+    ``accept_rate`` of known images, the ``temperature`` and the confidence map ``platt`` (a, b);
+    ``file`` keeps those images' features and classes (the device recomputes the threshold from
+    them after every change of its classes); ``images`` of them, from ``source``; ``threshold``
+    and ``ece`` as fitted (the engine's own classes)."""
+
+    score: str
+    accept_rate: float
+    temperature: float
+    platt: List[float]
+    file: str = "openset.safetensors"
+    images: int = 0
+    source: str = ""
+    threshold: Optional[float] = None
+    ece: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class ClassesRef:
     file: str = "classes.json"
     count: int = 0
@@ -346,6 +366,7 @@ class EngineManifest(_Manifest):
     backbone: Optional[Dict[str, Any]] = None
     source_bundle: SourceBundle = field(default_factory=SourceBundle)
     aggregation: Optional[Aggregation] = None
+    open_set: Optional[OpenSetCalibration] = None
     precision: str = "fp32"
     opset: Optional[int] = None
     batch_range: List[int] = field(default_factory=lambda: [1, 8, 32])

@@ -66,7 +66,10 @@ function showPrediction(cam) {
   const [label, score] = p.top.length ? p.top[0] : ["-", 0];
   $("top1").textContent = label;
   $("top1").className = p.unknown ? "label unknown" : "label";
-  $("top1-score").textContent = p.top.length ? score.toFixed(3) : "";
+  // calibrated confidence when the engine judges unknowns, else the raw top score
+  $("top1-score").textContent = !p.top.length ? "" : p.unknown && p.score !== null
+    ? "score " + p.score.toFixed(3) + " < " + p.threshold.toFixed(3)
+    : p.confidence !== null && p.confidence !== undefined ? Math.round(100 * p.confidence) + "%" : score.toFixed(3);
   for (const [name, s] of p.top) {
     const bar = el("span");
     bar.style.width = Math.max(0, Math.min(1, s)) * 100 + "%";
