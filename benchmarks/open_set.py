@@ -17,6 +17,7 @@ quick profile never trains on). The classes an engine never saw are its unknowns
    at 95 % TPR against the max-softmax baseline (``edgecl eval --unknown-data`` computes the same),
    the share of known images accepted at the engine's threshold (target 95 %), and the ECE of the
    reported confidence (uncalibrated, temperature only, temperature + confidence map).
+   And the operating points: known accepted and unknown rejected at ``--accept-rate`` 0.95 ... 0.5.
 3. ``--enroll-engine`` (trained on 70 classes): the first 10 of its unseen classes are enrolled on
    the device (20 train images each, four views averaged), and the next 10 stay unseen; the val
    acceptance of the enrolled classes, the known classes and the unseen ones, before and after,
@@ -45,11 +46,13 @@ from benchmarks.enroll import list_images, load_frames
 PROG = "python -m benchmarks open_set"
 SHOTS = 20
 VIEWS = ("id", "flip", "crop", "cropflip")
+RATES = (0.95, 0.9, 0.8, 0.7, 0.5)
 
 
 def cached_features(rt, sha: str, key: str, files: list, cache: Path) -> dict:
     """{learner: features} of the image files through the engine (cached by model sha and file list)."""
-    f = cache / f"openset-{hashlib.sha256(f'{sha}:{key}:{len(files)}:{files[0]}:{files[-1]}'.encode()).hexdigest()[:16]}.npz"
+    digest = hashlib.sha256(f"{sha}:{key}:{len(files)}:{files[0]}:{files[-1]}".encode()).hexdigest()[:16]
+    f = cache / f"openset-{digest}.npz"
     if f.is_file():
         with np.load(f) as z:
             return {k: z[k] for k in z.files}
@@ -64,6 +67,7 @@ def engine_sets(engine: str, root: Path, cache: Path) -> dict:
     val of every class, labels = position in (engine classes, then the others)."""
     from edgecl.device.runtime import Runtime
 
+    cache.mkdir(parents=True, exist_ok=True)
     probe = Path(tempfile.mkdtemp(prefix="open-set-"))
     rt = Runtime(engine, "ort-cpu", store=probe / "store", project_in_engine=False, log=lambda m: None)
     sha = rt.manifest.files["model.fp32.onnx"]
@@ -91,12 +95,13 @@ def mahalanobis_scorer(rt, k: int = 64):
     for ln, head in rt.heads.heads.items():
         G, Q, counts = head.base_statistics()
         parts[ln] = (head, *shared_covariance(G, Q, counts, k))
-    return lambda feats: sum(mahalanobis(head.inputs(feats[ln]), means, cov) for ln, (head, means, cov) in parts.items())
+    return lambda feats: sum(mahalanobis(head.inputs(feats[ln]), means, cov)
+                             for ln, (head, means, cov) in parts.items())
 
 
 def measure(split: dict) -> dict:
     """Every candidate score on select and val, and the calibration figures on val."""
-    from edgecl.device.openset import SCORES, auroc, confidence, ece, fpr_at_tpr, msp, reliability
+    from edgecl.device.openset import SCORES, auroc, confidence, ece, fpr_at_tpr, msp, reliability, threshold_for
 
     rt = split["rt"]
     k = len(split["old"])
@@ -118,6 +123,12 @@ def measure(split: dict) -> dict:
             correct = lk.argmax(1) == yk
             confs = {"uncalibrated": confidence(lk), "temperature": confidence(lk, T),
                      "calibrated": confidence(lk, T, cal.platt)}
+            held = rt.open_set.held_out_scores()
+            points = {}
+            for rate in RATES:  # the operating points a user may choose with --accept-rate
+                t = threshold_for(held, rate)
+                points[f"{rate:g}"] = {"known_accepted": round(float((chosen[known] >= t).mean()), 4),
+                                       "unknown_rejected": round(float((chosen[~known] < t).mean()), 4)}
             out["val"] = {
                 "score": cal.score, "auroc": round(auroc(chosen[known], chosen[~known]), 4),
                 "fpr_at_95tpr": round(fpr_at_tpr(chosen[known], chosen[~known]), 4),
@@ -129,6 +140,7 @@ def measure(split: dict) -> dict:
                 "ece": {n: round(ece(c, correct), 4) for n, c in confs.items()},
                 "reliability": {n: reliability(c, correct) for n, c in confs.items()},
                 "hist": {"known": chosen[known].tolist(), "unknown": chosen[~known].tolist()},
+                "operating_points": points,
             }
     return out
 
@@ -257,12 +269,19 @@ def main(argv=None) -> int:
     lines += ["", f"chosen: **{chosen}**", "", "On val (the engine's classes known, the other 10 unknown):", ""]
     for lab, r in per_engine:
         v = r["val"]
-        rows.append([lab, v["score"], f"{v['auroc']:.4f}", f"{v['auroc_msp']:.4f}", f"{v['auroc'] - v['auroc_msp']:+.4f}",
+        rows.append([lab, v["score"], f"{v['auroc']:.4f}", f"{v['auroc_msp']:.4f}",
+                     f"{v['auroc'] - v['auroc_msp']:+.4f}",
                      f"{v['fpr_at_95tpr']:.3f}", f"{v['fpr_at_95tpr_msp']:.3f}", f"{100 * v['accept_rate']:.1f}",
                      f"{100 * v['unknown_rejected']:.1f}", f"{v['ece']['uncalibrated']:.3f}",
                      f"{v['ece']['temperature']:.3f}", f"{v['ece']['calibrated']:.3f}"])
     lines += markdown_table(["engine", "score", "AUROC", "AUROC msp", "gain", "FPR@95", "FPR@95 msp",
                              "known accepted %", "unknown rejected %", "ECE uncal.", "ECE T", "ECE T+map"], rows)
+    lines += ["", "Operating points (`--accept-rate`; the threshold from each engine's held-out images): share of "
+                  "known val images accepted / of unknown ones rejected, %:", ""]
+    lines += markdown_table(["engine"] + [f"accept {r:g}" for r in RATES],
+                            [[lab] + [f"{100 * r['val']['operating_points'][f'{x:g}']['known_accepted']:.1f} / "
+                                      f"{100 * r['val']['operating_points'][f'{x:g}']['unknown_rejected']:.1f}"
+                                      for x in RATES] for lab, r in per_engine])
     results = {"chosen": chosen, "mean_select_auroc": mean_select,
                "engines": [{"label": lab, **{k: v for k, v in r.items()}} for lab, r in per_engine]}
     if args.enroll_engine:

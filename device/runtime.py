@@ -108,6 +108,23 @@ class Runtime:
                        self.heads.base_classes, accept_rate=accept_rate, unknown_below=unknown_below,
                        to_inputs=lambda feats: {f"{ln}:h": h for ln, h in self.heads.head_inputs(feats).items()})
 
+    def open_set_line(self) -> str:
+        """Set the unknown threshold up now (the held-out images' projection is computed once per
+        process; done at start rather than on the first frame) and say what rejects a frame."""
+        if self.open_set is None:
+            return ("unknown rejection: off (the engine directory was exported without held-out training images; "
+                    "--unknown-below S sets a raw threshold)" if self.unknown_below is None
+                    else f"unknown rejection: top score below {self.unknown_below:g} (--unknown-below)")
+        t0 = time.perf_counter()
+        thr = self.open_set.threshold()
+        if self.unknown_below is not None:
+            return f"unknown rejection: {self.open_set.calib.score} score below {thr:g} (--unknown-below)"
+        n = int(np.isin(self.open_set.calib.labels, [b for b in self.heads.base_classes() if b is not None]).sum())
+        rate = 100 * self.open_set.accept_rate
+        return (f"unknown rejection: {self.open_set.calib.score} score below {thr:.4g}, which {rate:g}% of {n} "
+                f"held-out images of the engine's classes reach under the current heads "
+                f"({1000 * (time.perf_counter() - t0):.0f} ms)")
+
     def judge(self, scores: np.ndarray) -> dict | None:
         """``{"score", "confidence", "known", "threshold"}`` per row of predicted scores (None when
         nothing is judged: an uncalibrated engine without --unknown-below)."""

@@ -331,6 +331,7 @@ def run(engine_dir, source, headless, jsonl, max_frames, top_k, accept_rate, unk
     parse_source(source)  # a bad --source fails before the engine loads
     rt = Runtime(engine_dir, backend, store=store, accept_rate=accept_rate, unknown_below=unknown_below,
                  log=click.echo)
+    click.echo(rt.open_set_line())
     src = open_source(source, size=rt.size, log=click.echo)
     with src:
         summary = run_loop(rt, src, headless=headless, jsonl=jsonl, max_frames=max_frames, k=top_k,
@@ -378,6 +379,7 @@ def serve(engine_dir, source, host, port, token, top_k, accept_rate, unknown_bel
     parse_source(source)  # a bad --source fails before the engine loads
     rt = Runtime(engine_dir, backend, store=store, accept_rate=accept_rate, unknown_below=unknown_below,
                  log=click.echo)
+    click.echo(rt.open_set_line())
 
     def reopen():
         return open_source(source, size=rt.size, log=click.echo)

@@ -129,9 +129,8 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
     train on; none (or ``holdout_per_class`` 0): the engine rejects nothing unless told a threshold."""
     from safetensors.numpy import save_file
 
-    from edgecl.device.openset import check_accept_rate
-
     from edgecl.device.heads import head_class, load_head
+    from edgecl.device.openset import check_accept_rate
     from edgecl.train import load_learner
 
     from .graph import (

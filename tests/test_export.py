@@ -407,7 +407,45 @@ def test_export_user_errors(work, tmp_path, monkeypatch):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")
     one_line_error(invoke(["export", str(bundle), "--out", str(tmp_path / "other")]), "not an engine directory")
+    one_line_error(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--accept-rate", "1.5"]),
+                   "--accept-rate")
+    one_line_error(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--holdout-per-class", "-1"]),
+                   "--holdout-per-class")
+    one_line_error(invoke(["export", str(bundle), "--out", str(tmp_path / "o"), "--holdout-data",
+                           str(tmp_path / "missing")]), "--holdout-data", "not a folder")
     assert not (tmp_path / "o").exists()
+
+
+def test_export_calibrates_unknown_rejection_on_held_out_images(work, tmp_path):
+    """Held-out images (here the training folder itself, for the format's sake) give the engine its
+    open_set calibration, bound by the manifest; the device reads it and eval reports on unknowns.
+    Without held-out images (the bundle trained on all of them) the export says so."""
+    from safetensors.numpy import load_file
+
+    bundle, data = work["bundles"]["ranpac"], work["data"]
+    assert "unknown rejection not calibrated: the bundle trained on every training image" in \
+        invoke(["export", str(bundle), "--out", str(tmp_path / "plain")]).output
+    assert "open_set" not in json.loads((tmp_path / "plain" / "manifest.json").read_text()) or \
+        json.loads((tmp_path / "plain" / "manifest.json").read_text())["open_set"] is None
+    eng = tmp_path / "eng"
+    res = invoke(["export", str(bundle), "--out", str(eng), "--holdout-data", str(data / "train"),
+                  "--holdout-per-class", "6", "--accept-rate", "0.9"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((eng / "manifest.json").read_text())
+    op = m["open_set"]
+    assert op["score"] == "maxlogit" and op["accept_rate"] == 0.9 and op["images"] == 24 and op["temperature"] > 0
+    assert "openset.safetensors" in m["files"] and len(op["platt"]) == 2
+    t = load_file(str(eng / "openset.safetensors"))
+    assert t["features.main"].dtype == np.float16 and t["features.main"].shape[0] == 24
+    assert sorted(set(t["labels"].tolist())) == [0, 1, 2, 3]
+    unknown = make_imagefolder(tmp_path / "unk", n_classes=2, n_train=1, n_val=3, seed=9)
+    for d in (unknown / "val").iterdir():
+        d.rename(d.with_name("stranger-" + d.name))
+    res = invoke(["eval", str(eng), "--data", str(data), "--unknown-data", str(unknown), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["open_set"]["unknown"] == 6 and got["open_set"]["target_accept_rate"] == 0.9
+    assert 0 <= got["ece"] <= 1
 
 
 @pytest.mark.trt

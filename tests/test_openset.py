@@ -187,6 +187,7 @@ def test_run_jsonl_and_eval_report_unknowns(calibrated, tmp_path, monkeypatch):
     res = invoke(["run", str(calibrated), "--source", str(frames), "--headless", "--jsonl", str(out),
                   "--max-frames", "6", "--backend", "ort-cpu", "--accept-rate", "0.8"])
     assert res.exit_code == 0, res.output
+    assert "unknown rejection: maxlogit score below" in res.output and "80% of 72 held-out images" in res.output
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 6
     for line in lines:
