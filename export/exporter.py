@@ -283,10 +283,10 @@ def holdout_images(bm: BundleManifest, classes: list, size: int, holdout_data, p
         root = bundle_train_dir(bm) if bm.data_config.get("dataset", "imagefolder") == "imagefolder" else None
         skip = bm.data_config.get("train_per_class")
         if root is None:
-            return None, None, "the bundle's training images are not here (pass --holdout-data DIR)"
+            return None, None, "the bundle's training images are not here: pass --holdout-data DIR"
         if skip is None:
-            return None, None, ("the bundle trained on every training image (pass --holdout-data DIR with images "
-                                "it did not train on)")
+            return None, None, ("the bundle trained on every training image: pass --holdout-data DIR with images "
+                                "of its classes it did not train on")
         what = f"training images of {root} after the first {skip} of each class"
     names, files = [], []
     for c in classes:
@@ -317,8 +317,8 @@ def open_set_calibration(tmp: Path, bm: BundleManifest, heads: dict, aggregation
 
     images, labels, source = holdout_images(bm, list(bm.classes.names), int(bm.input.size), holdout_data, per_class)
     if images is None:
-        log(f"unknown rejection not calibrated: {source}; the device will name a class for every frame "
-            f"(export with --holdout-data DIR to calibrate it)")
+        log(f"unknown rejection not calibrated: {source} (without it the device names one of its classes for every "
+            f"frame, unless given --unknown-below)")
         return None
     feats = ort_features(ort_session(tmp / "model.fp32.onnx"), to_channel_order(images, CHANNEL_ORDER))
     logits = predict({ln: head.logits(feats[ln]) for ln, head in heads.items()}, aggregation)
