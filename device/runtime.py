@@ -97,6 +97,9 @@ class Runtime:
 
         if accept_rate is not None:
             check_accept_rate(accept_rate)
+            if unknown_below is not None:
+                raise EdgeclError("give --accept-rate (the share of known images to accept) or --unknown-below (a raw "
+                                  "threshold on the rejection score), not both")
         calib = load_open_set(self.engine_dir, self.manifest)
         if calib is None:
             if accept_rate is not None:

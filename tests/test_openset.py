@@ -221,6 +221,8 @@ def test_uncalibrated_engine_refuses_accept_rate_and_keeps_unknown_below(engines
 
     with pytest.raises(EdgeclError, match="without unknown-rejection calibration"):
         runtime(engines["main"], store=tmp_path / "s", accept_rate=0.9)
+    with pytest.raises(EdgeclError, match="not both"):
+        runtime(engines["main"], store=tmp_path / "s", accept_rate=0.9, unknown_below=0.2)
     rt = runtime(engines["main"], store=tmp_path / "s", unknown_below=1e9)
     res = rt.classify(class_frames(0, 2, seed=3))
     assert rt.top(res)[0][0][0] == "unknown" and res["open_set"]["confidence"] is None
