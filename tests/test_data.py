@@ -123,6 +123,25 @@ def test_pool_decode_matches_in_process(tmp_path, cache):
     np.testing.assert_array_equal(np.asarray(one.images), np.asarray(two.images))
 
 
+def test_a_decode_worker_that_dies_does_not_hang_the_load(tmp_path, cache, monkeypatch):
+    """multiprocessing.Pool waits forever for the result of a worker that died (killed, out of
+    memory); the decode pool notices it and decodes what was left in the process."""
+    from edgecl.data import decode
+
+    root = make_tree(tmp_path / "data", classes=("a", "b", "c"), names=[f"im_{i:03d}.jpg" for i in range(12)])
+    one = load_imagefolder(root, size=12, cache_dir=cache / "one", workers=1, progress=False)
+    parent, real = os.getpid(), decode._decode_one
+
+    def dies(path, size):  # the first image of the first chunk: its worker vanishes
+        if os.getpid() != parent and Path(path).parent.name == "a" and Path(path).name == "im_000.jpg":
+            os._exit(9)
+        return real(path, size)
+
+    monkeypatch.setattr(decode, "_decode_one", dies)  # the forked workers inherit it
+    two = load_imagefolder(root, size=12, cache_dir=cache / "two", workers=2, progress=False)
+    np.testing.assert_array_equal(np.asarray(one.images), np.asarray(two.images))
+
+
 def test_interrupted_cache_write_is_not_trusted(tmp_path, cache, monkeypatch):
     root = make_tree(tmp_path / "data")
 

@@ -140,16 +140,39 @@ def decode_files(paths: list, npy_path: Path, out: np.ndarray, size: int, worker
             return
         out.flush()
         tasks = [(s, paths[s:s + chunk]) for s in range(0, n, chunk)]
-        # fork: workers only run PIL/numpy, and unlike spawn it needs no __main__ guard in scripts
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork of a threaded process
-            pool = multiprocessing.get_context(method).Pool(
-                workers, initializer=_worker_init, initargs=(str(npy_path), size))
-        with pool:
-            for count, err in pool.imap_unordered(_decode_chunk, tasks):
-                if err is not None:
-                    raise EdgeclError(err)
-                bar.update(count)
+        left = _decode_in_pool(tasks, npy_path, size, workers, bar)
+        for start, part in left:  # a worker died (killed, out of memory): its chunks, here
+            for i, path in enumerate(part):
+                out[start + i] = _decode_one(path, size)
+                bar.update(1)
     finally:
         bar.close()
+
+
+def _decode_in_pool(tasks: list, npy_path: Path, size: int, workers: int, bar) -> list:
+    """Decode ``tasks`` in a process pool; returns the tasks it could not finish because a worker
+    died. A pool whose worker dies is broken, not hung: ``concurrent.futures`` notices the dead
+    process (``multiprocessing.Pool`` waits forever for its result)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    # fork: workers only run PIL/numpy, and unlike spawn it needs no __main__ guard in scripts
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    done: set = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork of a threaded process
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                   initializer=_worker_init, initargs=(str(npy_path), size))
+    try:
+        futures = {pool.submit(_decode_chunk, t): i for i, t in enumerate(tasks)}
+        for fut in as_completed(futures):
+            count, err = fut.result()
+            if err is not None:
+                raise EdgeclError(err)
+            done.add(futures[fut])
+            bar.update(count)
+    except BrokenProcessPool:
+        pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return [t for i, t in enumerate(tasks) if i not in done]
