@@ -302,24 +302,28 @@ class OpenSet:
         return self.score(logits, self.calib.temperature)
 
     def held_out_scores(self) -> np.ndarray:
-        """The chosen score of every held-out image of a remaining engine class, under the current heads."""
+        """The chosen score of every held-out image of a remaining engine class, under the current
+        heads (empty when every engine class was removed)."""
         key = self.state_key()
         if key not in self._cache:
             remaining = {b for b in self.base_of() if b is not None}
             keep = np.asarray([int(y) in remaining for y in self.calib.labels], bool)
             if not keep.any():
-                raise EdgeclError("every engine class was removed: no held-out images are left to set the "
-                                  "unknown threshold; pass --unknown-below")
+                self._cache = {key: np.zeros(0)}
+                return self._cache[key]
             if self._inputs is None:
                 self._inputs = self.to_inputs({ln: np.asarray(f, np.float32) for ln, f in self.calib.features.items()})
             self._cache = {key: self.scores(self.predict({n: v[keep] for n, v in self._inputs.items()}))}
         return self._cache[key]
 
     def threshold(self, accept_rate: Optional[float] = None) -> float:
+        """The score a frame must reach to be called known; -inf (nothing rejected) when no engine
+        class is left to hold images out for (every one removed: only enrolled classes remain)."""
         if self.unknown_below is not None:
             return float(self.unknown_below)
         rate = self.accept_rate if accept_rate is None else check_accept_rate(accept_rate)
-        return threshold_for(self.held_out_scores(), rate)
+        held = self.held_out_scores()
+        return threshold_for(held, rate) if len(held) else float("-inf")
 
     def judge(self, logits: np.ndarray) -> dict:
         """``{"score", "confidence", "known", "threshold"}`` per row of the final logits."""

@@ -123,6 +123,9 @@ class Runtime:
         if self.unknown_below is not None:
             return f"unknown rejection: {self.open_set.calib.score} score below {thr:g} (--unknown-below)"
         n = int(np.isin(self.open_set.calib.labels, [b for b in self.heads.base_classes() if b is not None]).sum())
+        if n == 0:
+            return ("unknown rejection: off (every engine class was removed, so no held-out image is left to set "
+                    "the threshold; --unknown-below S sets a raw one)")
         rate = 100 * self.open_set.accept_rate
         return (f"unknown rejection: {self.open_set.calib.score} score below {thr:.4g}, which {rate:g}% of {n} "
                 f"held-out images of the engine's classes reach under the current heads "

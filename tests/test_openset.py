@@ -105,9 +105,8 @@ def test_threshold_follows_the_classes_by_hand():
     assert np.allclose(j["score"], [13.5, 14.5])
     expert = openset.OpenSet(calib, predict, lambda: state["key"], lambda: state["bases"], unknown_below=0.5)
     assert expert.threshold() == 0.5
-    state.update(key=3, bases=[None])
-    with pytest.raises(Exception, match="every engine class was removed"):
-        o.threshold()
+    state.update(key=3, bases=[None])  # only enrolled classes left: no held-out image, nothing rejected
+    assert o.threshold() == float("-inf") and o.judge(np.array([[-1e9]]))["known"].tolist() == [True]
 
 
 # ----------------------------------------------------------------------------- end to end
