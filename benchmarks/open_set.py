@@ -236,12 +236,14 @@ def plot_scores(per_engine: list) -> bytes:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = parser(PROG, __doc__)
-    ap.add_argument("--engines", nargs="+", required=True, help="engine directories trained on 90 classes")
+    ap.add_argument("--engines", nargs="*", default=[], help="engine directories trained on 90 classes")
     ap.add_argument("--data", required=True)
     ap.add_argument("--enroll-engine", help="an engine trained on 70 classes: 10 enrolled, 10 kept unseen")
     ap.add_argument("--cache", default="/tmp/edgecl-open-set-bench")
     ap.add_argument("--out", default="runs/open-set")
     args = ap.parse_args(argv)
+    if not args.engines and not args.enroll_engine:
+        ap.error("give --engines, --enroll-engine or both")
 
     root, cache = Path(args.data), Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -258,32 +260,35 @@ def main(argv=None) -> int:
         print(json.dumps({"engine": engine, "candidates": res["candidates"],
                           **{k: v for k, v in res["val"].items() if k not in ("reliability", "hist")}}), flush=True)
 
-    names = list(per_engine[0][1]["candidates"])
-    mean_select = {s: float(np.mean([r["candidates"][s]["select"] for _, r in per_engine])) for s in names}
-    chosen = max(mean_select, key=mean_select.get)
-    lines = ["Score selection on held-out training images (AUROC, select = train images 300-349; known: the "
-             "engine's classes, unknown: the others); val beside it, not used:", ""]
-    lines += markdown_table(["score"] + [f"{lab} select / val" for lab, _ in per_engine] + ["mean select"],
-                            [[s] + [f"{r['candidates'][s]['select']:.4f} / {r['candidates'][s]['val']:.4f}"
-                                    for _, r in per_engine] + [f"{mean_select[s]:.4f}"] for s in names])
-    lines += ["", f"chosen: **{chosen}**", "", "On val (the engine's classes known, the other 10 unknown):", ""]
-    for lab, r in per_engine:
-        v = r["val"]
-        rows.append([lab, v["score"], f"{v['auroc']:.4f}", f"{v['auroc_msp']:.4f}",
-                     f"{v['auroc'] - v['auroc_msp']:+.4f}",
-                     f"{v['fpr_at_95tpr']:.3f}", f"{v['fpr_at_95tpr_msp']:.3f}", f"{100 * v['accept_rate']:.1f}",
-                     f"{100 * v['unknown_rejected']:.1f}", f"{v['ece']['uncalibrated']:.3f}",
-                     f"{v['ece']['temperature']:.3f}", f"{v['ece']['calibrated']:.3f}"])
-    lines += markdown_table(["engine", "score", "AUROC", "AUROC msp", "gain", "FPR@95", "FPR@95 msp",
-                             "known accepted %", "unknown rejected %", "ECE uncal.", "ECE T", "ECE T+map"], rows)
-    lines += ["", "Operating points (`--accept-rate`; the threshold from each engine's held-out images): share of "
-                  "known val images accepted / of unknown ones rejected, %:", ""]
-    lines += markdown_table(["engine"] + [f"accept {r:g}" for r in RATES],
-                            [[lab] + [f"{100 * r['val']['operating_points'][f'{x:g}']['known_accepted']:.1f} / "
-                                      f"{100 * r['val']['operating_points'][f'{x:g}']['unknown_rejected']:.1f}"
-                                      for x in RATES] for lab, r in per_engine])
-    results = {"chosen": chosen, "mean_select_auroc": mean_select,
-               "engines": [{"label": lab, **{k: v for k, v in r.items()}} for lab, r in per_engine]}
+    lines: list = []
+    results: dict = {}
+    if per_engine:
+        names = list(per_engine[0][1]["candidates"])
+        mean_select = {s: float(np.mean([r["candidates"][s]["select"] for _, r in per_engine])) for s in names}
+        chosen = max(mean_select, key=mean_select.get)
+        lines += ["Score selection on held-out training images (AUROC, select = train images 300-349; known: the "
+                  "engine's classes, unknown: the others); val beside it, not used:", ""]
+        lines += markdown_table(["score"] + [f"{lab} select / val" for lab, _ in per_engine] + ["mean select"],
+                                [[s] + [f"{r['candidates'][s]['select']:.4f} / {r['candidates'][s]['val']:.4f}"
+                                        for _, r in per_engine] + [f"{mean_select[s]:.4f}"] for s in names])
+        lines += ["", f"chosen: **{chosen}**", "", "On val (the engine's classes known, the other 10 unknown):", ""]
+        for lab, r in per_engine:
+            v = r["val"]
+            rows.append([lab, v["score"], f"{v['auroc']:.4f}", f"{v['auroc_msp']:.4f}",
+                         f"{v['auroc'] - v['auroc_msp']:+.4f}",
+                         f"{v['fpr_at_95tpr']:.3f}", f"{v['fpr_at_95tpr_msp']:.3f}", f"{100 * v['accept_rate']:.1f}",
+                         f"{100 * v['unknown_rejected']:.1f}", f"{v['ece']['uncalibrated']:.3f}",
+                         f"{v['ece']['temperature']:.3f}", f"{v['ece']['calibrated']:.3f}"])
+        lines += markdown_table(["engine", "score", "AUROC", "AUROC msp", "gain", "FPR@95", "FPR@95 msp",
+                                 "known accepted %", "unknown rejected %", "ECE uncal.", "ECE T", "ECE T+map"], rows)
+        lines += ["", "Operating points (`--accept-rate`; the threshold from each engine's held-out images): share of "
+                      "known val images accepted / of unknown ones rejected, %:", ""]
+        lines += markdown_table(["engine"] + [f"accept {r:g}" for r in RATES],
+                                [[lab] + [f"{100 * r['val']['operating_points'][f'{x:g}']['known_accepted']:.1f} / "
+                                          f"{100 * r['val']['operating_points'][f'{x:g}']['unknown_rejected']:.1f}"
+                                          for x in RATES] for lab, r in per_engine])
+        results.update({"chosen": chosen, "mean_select_auroc": mean_select,
+                        "engines": [{"label": lab, **r} for lab, r in per_engine]})
     if args.enroll_engine:
         e = enrollment_check(args.enroll_engine, root, cache)
         results["enrollment"] = e
@@ -297,9 +302,10 @@ def main(argv=None) -> int:
         lines += ["", f"threshold recomputation after an enrollment: {e['threshold_update_ms']} ms (median)"]
     table = "\n".join(lines) + "\n"
     write_results(args.out, table, results, PROG, argv)
-    out = Path(args.out)
-    (out / "reliability.png").write_bytes(plot_reliability(per_engine))
-    (out / "scores.png").write_bytes(plot_scores(per_engine))
+    if per_engine:
+        out = Path(args.out)
+        (out / "reliability.png").write_bytes(plot_reliability(per_engine))
+        (out / "scores.png").write_bytes(plot_scores(per_engine))
     return 0
 
 
