@@ -13,8 +13,12 @@ alignment differs. So for each form the full statistics are converted
 class's top-r eigenpairs of its scatter and the rest of its diagonal), the last session's
 alignment is re-run with the same seed, and the aligned heads are scored on the val images of
 all classes. That A_last is exactly what a full run with that form would report; the "full"
-row reproduces the run's own A_last (a check). ``--draws N`` repeats every form's alignment with
-N independent sampling seeds (the first is the run's) to show the sampling noise. Prints a
+row reproduces the run's own A_last (a check). The form is **chosen on held-out training
+images** (the last ``--heldout-per-class`` of each class, which the quick protocol never reads;
+:func:`experiments.safe_select.build_heldout`): the smallest form (bytes per class) whose mean
+accuracy there is within ``--tolerance`` of full's; val is reported beside, never used to
+choose. ``--draws N`` repeats every form's alignment with N independent sampling seeds (the
+first is the run's) to show the sampling noise. Prints a
 Markdown table and writes OUT/cov_forms.md and OUT/cov_forms.json. The outcome (lowrank r = 64,
 the default ``slca.export_cov_form``) is in docs/BENCHMARKS.md, "Covariance forms".
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -49,6 +54,10 @@ def main(argv=None) -> int:
     ap.add_argument("--draws", type=int, default=3,
                     help="repeat each form's alignment with this many independent sampling seeds "
                          "(the first is the run's)")
+    ap.add_argument("--heldout-per-class", type=int, default=50,
+                    help="held-out training images per class the form is chosen on (the last of each class)")
+    ap.add_argument("--tolerance", type=float, default=0.5,
+                    help="the largest mean accuracy loss against full (points) a chosen form may have")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="runs/cov-forms")
     args = ap.parse_args(argv)
@@ -56,9 +65,10 @@ def main(argv=None) -> int:
     import torch
 
     from edgecl.config import parse_set, resolve_config
-    from edgecl.data import build_scenario, load_dataset
+    from edgecl.data import build_scenario, load_dataset, load_imagefolder
     from edgecl.learners.base import run_sessions, to_incremental
     from edgecl.train import build_learner, seed_everything
+    from experiments.safe_select import build_heldout
 
     overrides = parse_set(args.sets)
     overrides.setdefault("data", {})["root"] = args.data
@@ -78,42 +88,62 @@ def main(argv=None) -> int:
           f"({train_s:.0f} s)", file=sys.stderr, flush=True)
 
     label_map = scenario.label_map(len(train_set.class_names))
-    val = to_incremental(val_set, label_map)
-    feats = learner.features(learner.model, "model", val).to(learner.device)
+    # held-out training images (the last --heldout-per-class of each class, never read by the quick
+    # protocol): the form is chosen on them; val is reported beside, not used to choose
+    heldout_dir = build_heldout(Path(args.data) / "train", Path(args.out) / "heldout", args.heldout_per_class,
+                                skip=cfg.data.train_per_class or 0)
+    heldout = load_imagefolder(heldout_dir, size=cfg.data.input_size, progress=False)
+    if heldout.class_names != train_set.class_names:
+        raise SystemExit(f"{heldout_dir}: its classes differ from the training data's")
+    sets = {"heldout": to_incremental(heldout, label_map), "val": to_incremental(val_set, label_map)}
+    keep = {name: np.asarray(s.labels) < scenario.num_classes for name, s in sets.items()}
+    feats = {name: learner.features(learner.model, f"model-{name}", s).to(learner.device) for name, s in sets.items()}
     last = len(scenario.sessions) - 1
     rows = []
     for spec in args.forms:
         form, rank = parse_form(spec)
         stats = learner.stats.convert(form, rank)
-        accs, times = [], []
+        accs = {name: [] for name in sets}
+        times = []
         for draw in range(args.draws):
             t0 = time.perf_counter()
             with torch.no_grad():
                 aligned = learner.align(stats, learner.head, session=last, draw=draw)
-                pred = aligned(feats).argmax(1).cpu().numpy()
+                for name, s in sets.items():
+                    pred = aligned(feats[name]).argmax(1).cpu().numpy()
+                    y = np.asarray(s.labels)
+                    accs[name].append(round(100.0 * float((pred == y)[keep[name]].mean()), 2))
             times.append(time.perf_counter() - t0)
-            accs.append(round(100.0 * float((pred == val.labels).mean()), 2))
-        rows.append({"form": spec, "A_last": accs[0], "A_last_draws": accs, "bytes_per_class": stats.bytes_per_class(),
+        rows.append({"form": spec, "A_last": accs["val"][0], "A_last_draws": accs["val"],
+                     "heldout_draws": accs["heldout"], "bytes_per_class": stats.bytes_per_class(),
                      "shared_bytes": stats.shared_bytes(), "align_s": round(times[0], 1)})
-        print(f"{spec}: A_last {accs}", file=sys.stderr, flush=True)
+        print(f"{spec}: held-out {accs['heldout']}, val {accs['val']}", file=sys.stderr, flush=True)
 
-    full = next((r["A_last"] for r in rows if r["form"] == "full"), None)
-    full_draws = next((r["A_last_draws"] for r in rows if r["form"] == "full"), None)
-    header = ["covariance form", "A_last", "vs full", f"A_last over {args.draws} alignment draws (mean ± std)",
-              "vs full, same draws (mean)", "bytes per class (float32)", "stored once", "alignment time (s)"]
+    full = next((r for r in rows if r["form"] == "full"), None)
+    header = ["covariance form", f"held-out: accuracy over {args.draws} draws (mean ± std)",
+              "held-out: vs full, same draws (mean)", "val: A_last (first draw)", f"val: over {args.draws} draws",
+              "val: vs full, same draws", "bytes per class (float32)", "stored once", "alignment time (s)"]
     table_rows = []
     for r in rows:
-        diff = f"{r['A_last'] - full:+.2f}" if full is not None else "-"
-        d = np.asarray(r["A_last_draws"])
-        paired = f"{(d - np.asarray(full_draws)).mean():+.2f}" if full_draws is not None else "-"
+        h, v = np.asarray(r["heldout_draws"]), np.asarray(r["A_last_draws"])
+        r["heldout_vs_full"] = float((h - np.asarray(full["heldout_draws"])).mean()) if full else None
+        r["val_vs_full"] = float((v - np.asarray(full["A_last_draws"])).mean()) if full else None
         once = f"{r['shared_bytes']:,}" if r["shared_bytes"] else "-"
-        table_rows.append([r["form"], f"{r['A_last']:.2f}", diff, mean_std(d, bare_single=False), paired,
+        table_rows.append([r["form"], mean_std(h, bare_single=False),
+                           f"{r['heldout_vs_full']:+.2f}" if full else "-", f"{r['A_last']:.2f}",
+                           mean_std(v, bare_single=False), f"{r['val_vs_full']:+.2f}" if full else "-",
                            f"{r['bytes_per_class']:,}", once, f"{r['align_s']:.0f}"])
     lines = markdown_table(header, table_rows)
+    chosen = None
+    if full is not None:  # the smallest form (bytes per class) within --tolerance of full on the held-out images
+        ok = [r for r in rows if r["heldout_vs_full"] >= -args.tolerance]
+        chosen = min(ok, key=lambda r: (r["bytes_per_class"] + (r["shared_bytes"] or 0) / 500, r["form"]))["form"]
+        lines.append(f"\nchosen on the held-out images: **{chosen}** (the smallest within {args.tolerance} point of "
+                     f"full, a shared part counted over 500 classes)")
     lines.append(f"\n{args.method} run (full covariances, what `edgecl train` reports): "
                  f"A_last {metrics['A_last']:.2f}, A_avg {metrics['A_avg']:.2f}, {train_s:.0f} s")
     write_results(args.out, "\n".join(lines), {"method": args.method, "seed": args.seed, "run": metrics,
-                                               "train_s": round(train_s, 1), "forms": rows},
+                                               "train_s": round(train_s, 1), "forms": rows, "chosen": chosen},
                   PROG, argv, md="cov_forms.md", json_name="cov_forms.json")
     return 0
 
