@@ -142,6 +142,42 @@ def test_a_decode_worker_that_dies_does_not_hang_the_load(tmp_path, cache, monke
     np.testing.assert_array_equal(np.asarray(one.images), np.asarray(two.images))
 
 
+class _Inherited:
+    """Cyclic garbage whose destructor records the process that ran it (as an ONNX Runtime session
+    would destroy its thread pool's condition variables: in a forked child that hangs)."""
+
+    def __init__(self, log: Path):
+        self.log, self.me = log, self
+
+    def __del__(self):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def test_decode_workers_never_run_inherited_destructors(tmp_path, cache, monkeypatch):
+    import gc
+
+    from edgecl.data import decode
+
+    root = make_tree(tmp_path / "data", classes=("a", "b", "c"), names=[f"im_{i:03d}.jpg" for i in range(12)])
+    log = tmp_path / "del.log"
+    real = decode._decode_one
+
+    def collecting(path, size):  # a worker whose collector runs (as it would, some time)
+        gc.collect()
+        return real(path, size)
+
+    monkeypatch.setattr(decode, "_decode_one", collecting)  # the forked workers inherit it
+    gc.disable()  # keep the garbage for the children to find, unless the parent collects it first
+    try:
+        _Inherited(log)
+        load_imagefolder(root, size=12, cache_dir=cache, workers=2, progress=False)
+    finally:
+        gc.enable()
+    gc.collect()
+    assert log.read_text().split() == [str(os.getpid())]  # freed once, by this process
+
+
 def test_interrupted_cache_write_is_not_trusted(tmp_path, cache, monkeypatch):
     root = make_tree(tmp_path / "data")
 

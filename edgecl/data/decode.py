@@ -14,6 +14,7 @@ one worker. Standard library, numpy and Pillow only (no torch).
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing
 import warnings
@@ -164,7 +165,17 @@ def _decode_in_pool(tasks: list, npy_path: Path, size: int, workers: int, bar) -
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                                    initializer=_worker_init, initargs=(str(npy_path), size))
     try:
-        futures = {pool.submit(_decode_chunk, t): i for i, t in enumerate(tasks)}
+        # The forked workers must never run the destructor of an object they inherited: freeing, say, a
+        # dead ONNX Runtime session destroys condition variables its thread pool (threads that do not
+        # exist in the child) waits on, and the worker hangs for good (CI saw it). So the parent collects
+        # its garbage first and freezes what is left out of the collector's reach while the workers
+        # fork (with fork they start at the first submit); the children keep it frozen.
+        gc.collect()
+        gc.freeze()
+        try:
+            futures = {pool.submit(_decode_chunk, t): i for i, t in enumerate(tasks)}
+        finally:
+            gc.unfreeze()
         for fut in as_completed(futures):
             count, err = fut.result()
             if err is not None:
