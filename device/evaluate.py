@@ -46,7 +46,7 @@ def open_set_report(rt, known: np.ndarray, y: np.ndarray, unknown: Optional[np.n
     correct = known.argmax(1) == y
     judged = rt.judge(known)
     cal = rt.open_set.calib if rt.open_set is not None else None
-    conf = confidence(known, cal.temperature, cal.platt) if cal is not None else confidence(known)
+    conf = judged["confidence"] if cal is not None else confidence(known)  # what the device reports
     out = {"ece": round(ece(conf, correct), 4), "ece_uncalibrated": round(ece(confidence(known), correct), 4)}
     if unknown is None:
         return out

@@ -39,6 +39,8 @@ import numpy as np
 
 from edgecl.core.errors import EdgeclError
 
+from .heads.aggregate import softmax as _softmax
+
 DEFAULT_ACCEPT_RATE = 0.95
 FILE = "openset.safetensors"
 
@@ -46,10 +48,8 @@ FILE = "openset.safetensors"
 # ----------------------------------------------------------------------------- scores
 
 def softmax(z: np.ndarray, T: float = 1.0) -> np.ndarray:
-    z = np.asarray(z, np.float64) / T
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+    """softmax(z / T) over the classes, in float64."""
+    return _softmax(np.asarray(z, np.float64) / T, 1)
 
 
 def logsumexp(z: np.ndarray) -> np.ndarray:
@@ -188,19 +188,13 @@ def confidence(logits: np.ndarray, T: float = 1.0, platt=(1.0, 0.0)) -> np.ndarr
 
 def ece(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
     """Expected calibration error: sum over equal-width confidence bins of |accuracy - confidence|
-    weighted by the bin's share of the images (Guo et al., 2017; bins (i/B, (i+1)/B])."""
-    conf, correct = np.asarray(conf, np.float64), np.asarray(correct, np.float64)
-    idx = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            total += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(total)
+    weighted by the bin's share of the images (Guo et al., 2017; the bins of :func:`reliability`)."""
+    n = max(len(conf), 1)
+    return float(sum(k / n * abs(acc - c) for _, _, k, c, acc in reliability(conf, correct, bins) if k))
 
 
 def reliability(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> list:
-    """Per bin: (lower edge, upper edge, images, mean confidence, accuracy) for a reliability diagram."""
+    """Per bin (i/B, (i+1)/B]: (lower edge, upper edge, images, mean confidence, accuracy)."""
     conf, correct = np.asarray(conf, np.float64), np.asarray(correct, np.float64)
     idx = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
     out = []
@@ -301,13 +295,16 @@ class OpenSet:
     def scores(self, logits: np.ndarray) -> np.ndarray:
         return self.score(logits, self.calib.temperature)
 
+    def remaining(self) -> np.ndarray:
+        """Which held-out images belong to an engine class the store still serves (boolean [N])."""
+        return np.isin(self.calib.labels, [b for b in self.base_of() if b is not None])
+
     def held_out_scores(self) -> np.ndarray:
         """The chosen score of every held-out image of a remaining engine class, under the current
         heads (empty when every engine class was removed)."""
         key = self.state_key()
         if key not in self._cache:
-            remaining = {b for b in self.base_of() if b is not None}
-            keep = np.asarray([int(y) in remaining for y in self.calib.labels], bool)
+            keep = self.remaining()
             if not keep.any():
                 self._cache = {key: np.zeros(0)}
                 return self._cache[key]

@@ -122,7 +122,7 @@ class Runtime:
         thr = self.open_set.threshold()
         if self.unknown_below is not None:
             return f"unknown rejection: {self.open_set.calib.score} score below {thr:g} (--unknown-below)"
-        n = int(np.isin(self.open_set.calib.labels, [b for b in self.heads.base_classes() if b is not None]).sum())
+        n = int(self.open_set.remaining().sum())
         if n == 0:
             return ("unknown rejection: off (every engine class was removed, so no held-out image is left to set "
                     "the threshold; --unknown-below S sets a raw one)")

@@ -116,7 +116,7 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
                   calib_method: str = "minmax", int8_weights: str = "s8-7bit", trt: bool = False, batch_range=None,
                   parity_count: int = 128, workspace_mb: int = 1024, force: bool = False,
                   holdout_data: Optional[str] = None, holdout_per_class: int = 50,
-                  accept_rate: float = 0.95, log: Callable = print) -> dict:
+                  accept_rate: Optional[float] = None, log: Callable = print) -> dict:
     """Export ``bundle`` to the engine directory ``out``; returns its manifest.
 
     An existing engine directory at ``out`` is replaced; one that holds a device store (classes
@@ -130,7 +130,7 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
     from safetensors.numpy import save_file
 
     from edgecl.device.heads import head_class, load_head
-    from edgecl.device.openset import check_accept_rate
+    from edgecl.device.openset import DEFAULT_ACCEPT_RATE, check_accept_rate
     from edgecl.train import load_learner
 
     from .graph import (
@@ -145,7 +145,7 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
     from .parity import parity_report
 
     check_options(precision, trt)
-    check_accept_rate(accept_rate)
+    accept_rate = check_accept_rate(DEFAULT_ACCEPT_RATE if accept_rate is None else accept_rate)
     if isinstance(holdout_per_class, bool) or not isinstance(holdout_per_class, int) or holdout_per_class < 0:
         raise EdgeclError(f"--holdout-per-class {holdout_per_class!r}: give a count >= 0 (0: no unknown rejection)")
     batch_range = parse_batch_range(batch_range)

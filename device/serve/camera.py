@@ -323,9 +323,7 @@ class Camera:
             "capture": None if cap is None else {"name": cap.name, "have": len(cap.frames), "want": cap.want},
             "prediction": None if shot is None else {
                 "seq": shot.seq, "top": top, "unknown": bool(top) and top[0][0] == UNKNOWN,
-                "score": shot.verdict["score"] if shot.verdict else None,
-                "threshold": shot.verdict["threshold"] if shot.verdict else None,
-                "confidence": shot.verdict["confidence"] if shot.verdict else None,
+                **{k: (shot.verdict or {}).get(k) for k in ("score", "threshold", "confidence")},
                 "weights": shot.weights, "engine_ms": shot.engine_ms, "host_ms": shot.host_ms,
                 "captured": shot.captured},
             "latency": {
