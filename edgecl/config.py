@@ -70,12 +70,15 @@ class PETConfig:
     ssf_targets: list = field(default_factory=list)  # module-name regexes; [] = automatic per architecture
     lora_rank: int = 4
     lora_alpha: float = 4.0  # LoRA scale = alpha / rank
+    # LoRA's A at init: Kaiming (the LoRA paper) or the top-r right singular vectors of W (SLCA++ code)
+    lora_init: str = field(default="kaiming", metadata=_choices("kaiming", "svd"))
     lora_targets: list = field(default_factory=list)  # module-name regexes; [] = ViT qkv / CNN 1x1 convs
     adapter_bottleneck: int = 16
     adapter_scale: float = 0.1
     vpt_tokens: int = 5  # deep VPT prompts per block (ViT only)
     tune_norms: bool = False  # also train norm-layer affine parameters (running statistics stay frozen)
     tune_biases: bool = False  # also train the backbone's biases (SLCA++ hybrid slow learner)
+    tune_cls_token: bool = False  # also train a ViT's class token (SLCA++ hybrid slow learner; no effect on CNNs)
 
 
 @dataclass
@@ -151,6 +154,11 @@ class SLCAConfig:
     # statistics written to the bundle
     export_cov_form: str = field(default="lowrank", metadata=_choices("full", "diag", "lowrank", "shared"))
     export_cov_rank: int = 64  # rank of the exported lowrank form (within 0.5 point of full on the quick protocol)
+    # alignment heuristics of the authors' code (docs/METHODS.md): SLCA's scaling of an old class's
+    # sampled mean by 0.9 + 0.1 (t_c + 1) / (T + 1), and SLCA++'s feature scaling of old sessions
+    # (draws of session t shrunk by 1 / (1 + mu (T - t)), its head's input scaled by 1 + mu (T - t))
+    ca_mean_scale: bool = False
+    fc_scale_mu: float = 0.0  # 0: off (SLCA++ code: 0.02)
 
 
 @dataclass

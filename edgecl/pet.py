@@ -153,9 +153,11 @@ class SSF(_Wrapper):
 
 class LoRA(_Wrapper):
     """Low-rank adaptation, y = m(x) + (alpha / r) * B(A(x)) for a Linear or 1x1 Conv2d
-    (groups=1); A Kaiming-uniform, B zero at init (Hu et al., 2021)."""
+    (groups=1); B zero at init (Hu et al., 2021). ``init``: ``kaiming`` (A Kaiming-uniform, the
+    LoRA paper) or ``svd`` (A = the top-r right singular vectors of the wrapped weight, SLCA++'s
+    code: ``init_lora`` in convs/vits.py; rows beyond the weight's rank stay Kaiming)."""
 
-    def __init__(self, base: nn.Module, rank: int = 4, alpha: float = 4.0):
+    def __init__(self, base: nn.Module, rank: int = 4, alpha: float = 4.0, init: str = "kaiming"):
         super().__init__()
         if not _lora_ok(base):
             raise TypeError(f"LoRA needs a Linear or 1x1 Conv2d with groups=1, got {type(base).__name__}")
@@ -171,6 +173,14 @@ class LoRA(_Wrapper):
             self.A = nn.Conv2d(m.in_channels, rank, 1, stride=m.stride, padding=pad, **kw)
             self.B = nn.Conv2d(rank, m.out_channels, 1, **kw)
         nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
+        if init == "svd":
+            with torch.no_grad():
+                w = m.weight.detach().flatten(1).double()  # [out, in]
+                vh = torch.linalg.svd(w, full_matrices=False)[2]
+                k = min(rank, vh.shape[0])
+                self.A.weight[:k].copy_(vh[:k].to(self.A.weight.dtype).view_as(self.A.weight[:k]))
+        elif init != "kaiming":
+            raise ValueError(f"LoRA init must be kaiming or svd, got {init!r}")
         nn.init.zeros_(self.B.weight)
         self.rank, self.scale = rank, alpha / rank
 
@@ -374,7 +384,7 @@ def _vpt_wrap(m, model, cfg, arch) -> nn.Module:
 
 
 register_pet(PETKind("lora", LoRA, order=0, foldable=True, targets=_lora_targets,
-                     wrap=lambda m, model, cfg, arch: LoRA(m, cfg.lora_rank, cfg.lora_alpha),
+                     wrap=lambda m, model, cfg, arch: LoRA(m, cfg.lora_rank, cfg.lora_alpha, cfg.lora_init),
                      check=lambda cfg: _positive("lora_rank", cfg.lora_rank)))
 register_pet(PETKind("ssf", SSF, order=1, foldable=True, targets=_ssf_targets,
                      wrap=lambda m, model, cfg, arch: SSF(m)))
@@ -441,6 +451,9 @@ def _trainable_named(model: nn.Module, cfg: PETConfig | None = None) -> list:
     head = _classifier_ids(model)
     pet_types = _pet_types()
     ids = set()
+    token = getattr(model, "cls_token", None)
+    if cfg.tune_cls_token and isinstance(token, nn.Parameter):  # ViT class token (SLCA++'s hybrid slow learner)
+        ids.add(id(token))
     for _name, m in model.named_modules():
         if isinstance(m, pet_types):
             ids.update(id(p) for _, p in m.pet_named_parameters())
@@ -458,8 +471,9 @@ def _trainable_named(model: nn.Module, cfg: PETConfig | None = None) -> list:
 
 def pet_parameters(model: nn.Module, cfg: PETConfig | None = None) -> list:
     """Trainable parameters: all PET parameters, plus norm affine parameters when
-    ``cfg.tune_norms`` and every backbone ``bias`` when ``cfg.tune_biases`` (the classifier
-    from ``get_classifier()`` excluded). ``cfg`` defaults to ``model._edgecl_pet_cfg``."""
+    ``cfg.tune_norms``, every backbone ``bias`` when ``cfg.tune_biases`` and a ViT's class token
+    when ``cfg.tune_cls_token`` (the classifier from ``get_classifier()`` excluded). ``cfg``
+    defaults to ``model._edgecl_pet_cfg``."""
     return [p for _, p in _trainable_named(model, cfg)]
 
 

@@ -16,6 +16,7 @@ from edgecl.pet import (
     Adapter,
     DeepVPT,
     LoRA,
+    _trainable_named,
     count_parameters,
     fold_pet,
     freeze_for_pet,
@@ -24,6 +25,7 @@ from edgecl.pet import (
     pet_parameters,
     pet_state_dict,
     set_pet_train_mode,
+    unfolded,
 )
 
 # every kind alone, the folded kinds together, all kinds (the ones a CNN takes, on the CNN)
@@ -291,3 +293,57 @@ def test_sgd_steps_change_only_pet_parameters(arch, kinds):
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and changed <= pet_names
     assert any(k.endswith(".B.weight") for k in changed)  # LoRA's zero-init B moves off zero
+
+
+def _slcapp_pet() -> PETConfig:
+    """SLCA++'s PET as configs/slcapp.yaml sets it (the authors' LoRA)."""
+    from edgecl.config import resolve_config
+
+    return resolve_config("slcapp", "quick", None, {}).pet
+
+
+def test_slcapp_lora_as_published_on_a_vit_folds_exactly():
+    """LoRA on every block's attn.qkv and mlp.fc1 / fc2, A from the SVD of the wrapped weight,
+    scale 0.8, the class token trained (SLCA++ code, convs/vits.py): folding is exact."""
+    cfg = _slcapp_pet()
+    assert (cfg.lora_init, cfg.lora_alpha / cfg.lora_rank, cfg.tune_cls_token) == ("svd", 0.8, True)
+    model = make_vit()
+    plain = copy.deepcopy(model)
+    names = inject_pet(model, cfg)
+    assert set(names) == {f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "mlp.fc1", "mlp.fc2")}
+    lora = model.blocks[0].mlp.fc1
+    w = plain.blocks[0].mlp.fc1.weight.detach().double()
+    vh = torch.linalg.svd(w, full_matrices=False)[2][:cfg.lora_rank]
+    torch.testing.assert_close(lora.A.weight.double(), vh, atol=1e-6, rtol=0)  # the top right singular vectors
+    assert lora.scale == pytest.approx(0.8) and float(lora.B.weight.detach().abs().max()) == 0.0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x))  # B = 0: the identity at init
+    trainable = {n for n, _ in _trainable_named(model)}  # what pet_parameters returns, by name
+    assert "cls_token" in trainable and "blocks.1.mlp.fc2.A.weight" in trainable
+    _randomize_pet(model)
+    with torch.no_grad():
+        want = model(x)
+        folded = fold_pet(copy.deepcopy(model))
+        assert not unfolded(folded)
+        torch.testing.assert_close(folded(x), want, atol=1e-5, rtol=0)
+
+
+def test_slcapp_lora_on_efficientnet_wraps_the_bottleneck_convs():
+    """EfficientNet's equivalent: conv_pw / conv_pwl (the MLP's fc1 / fc2), SE convs where there
+    are any (EfficientNet-Lite has none), not conv_head; exact folding."""
+    model = make_cnn()
+    plain = copy.deepcopy(model)
+    names = inject_pet(model, _slcapp_pet())
+    assert names and all(n.rsplit(".", 1)[-1] in ("conv_pw", "conv_pwl") for n in names)
+    assert "blocks.1.0.conv_pw" in names and "blocks.1.0.conv_pwl" in names and "conv_head" not in names
+    _randomize_pet(model)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)  # float64: the random-init lite0 amplifies float32 rounding
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = model64(x)
+        assert (want - plain.double()(x)).abs().max() > 1e-3  # the LoRA changed the features
+        assert (fold_pet(model64)(x) - want).abs().max() < 1e-10  # folding is exact
+    se = timm.create_model("efficientnet_b0", pretrained=False, num_classes=0)
+    se_names = inject_pet(se, _slcapp_pet())
+    assert "blocks.1.0.se.conv_reduce" in se_names and "blocks.1.0.se.conv_expand" in se_names
