@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -273,13 +274,39 @@ class BundleManifest(_Manifest):
 
 # ----------------------------------------------------------------------------- the engine directory
 
+@dataclass(frozen=True)
+class AlignmentSpec:
+    """SLCA's classifier alignment (Sec. 4.2) as one head was trained with it: the bundle's
+    ``slca.ca_*``, ``tau``, ``logit_norm``, ``ca_mean_scale``, ``fc_scale_mu``, ``train.momentum``,
+    ``train.weight_decay`` and seed. Run by training (torch) and, after an enrollment, by the
+    device (:mod:`edgecl.core.alignment`, numpy)."""
+
+    epochs: int = 5
+    samples_per_class: int = 256
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    tau: float = 0.1
+    logit_norm: str = "session"
+    mean_scale: bool = False
+    fc_scale_mu: float = 0.0
+    seed: int = 1993
+
+    def lr_at(self, epoch: int) -> float:
+        """The cosine-decayed learning rate of ``epoch`` (0-based): lr (1 + cos(pi e / E)) / 2."""
+        return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / max(1, self.epochs)))
+
+
 @dataclass
 class LearnerOutput:
-    """One learner of an engine directory: its graph output and its head's kind."""
+    """One learner of an engine directory: its graph output and its head's kind; an SLCA-family
+    linear head also the alignment it was trained with (what the device re-runs to enroll)."""
 
     output: str
     head: str
     feature_dim: Optional[int] = None
+    alignment: Optional[AlignmentSpec] = None
 
 
 @dataclass

@@ -24,7 +24,6 @@ One learner, three configurations (``configs/{seqft,slca,slcapp}.yaml``):
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import torch
@@ -32,9 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import pet as petlib
+from ..core.alignment import AlignmentSpec, adjust_draws, head_scales, sessions_of
 from ..core.classstats import ClassStats, ClassStatsError
 from ..core.errors import EdgeclError
 from ..core.formats import pack, unpack
+from ..core.records import to_dict
 from ..losses import logit_normalize, symmetric_cross_entropy
 from .base import Learner
 
@@ -101,6 +102,8 @@ class SLCA(Learner):
             raise EdgeclError("slca.backbone_lr_ratio and slca.first_session_pet_lr_ratio must be >= 0")
         if sc.ca_epochs < 0 or sc.ca_samples_per_class < 1 or sc.ca_batch_size < 1:
             raise EdgeclError("slca.ca_epochs must be >= 0, slca.ca_samples_per_class and slca.ca_batch_size >= 1")
+        if sc.fc_scale_mu < 0:
+            raise EdgeclError(f"slca.fc_scale_mu must be >= 0 (0: off), got {sc.fc_scale_mu}")
         self.uses_pet = bool(cfg.pet.kinds)
         if self.uses_pet:
             self.model = self.make_pet_model()
@@ -165,42 +168,61 @@ class SLCA(Learner):
         self.bump("model")
 
     # ------------------------------------------------------------------ classifier alignment
-    def align(self, stats: ClassStats, head: SessionLinear, session: int, draw: int = 0) -> SessionLinear:
-        """Classifier alignment (SLCA Sec. 4.2): a copy of ``head`` re-trained on features drawn
-        from N(mu_c, Sigma_c + eps I) of every seen class, fresh samples every epoch, with CE of
-        the normalised logits l / (tau ||l||). SGD (momentum 0.9, train.weight_decay), lr
-        slca.ca_lr with cosine decay per epoch, as the authors' code. Seeded by the run's seed,
-        the session and ``draw`` (0 in training; others give independent repetitions)."""
+    def alignment_spec(self) -> AlignmentSpec:
+        """The alignment's settings (also what the engine directory carries for the device)."""
         sc, tc = self.cfg.slca, self.cfg.train
+        return AlignmentSpec(epochs=sc.ca_epochs, samples_per_class=sc.ca_samples_per_class,
+                             batch_size=sc.ca_batch_size, lr=sc.ca_lr, momentum=tc.momentum,
+                             weight_decay=tc.weight_decay, tau=sc.tau, logit_norm=sc.logit_norm,
+                             mean_scale=sc.ca_mean_scale, fc_scale_mu=sc.fc_scale_mu, seed=self.cfg.seed)
+
+    def align(self, stats: ClassStats, head: SessionLinear, session: int, draw: int = 0,
+              spec: AlignmentSpec | None = None) -> SessionLinear:
+        """Classifier alignment (SLCA Sec. 4.2; :mod:`edgecl.core.alignment`): a copy of ``head``
+        re-trained on features drawn from N(mu_c, Sigma_c + eps I) of every seen class, fresh
+        samples every epoch, with CE of the normalised logits l / (tau ||l||), SGD (momentum,
+        weight decay) with a cosine lr over the epochs, as the authors' code; their heuristics
+        (mean scaling, ``fc_scale_mu``) when configured, the head-input scales folded into the
+        returned copy. Seeded by the run's seed, the session and ``draw`` (0 in training; others
+        give independent repetitions). ``spec``: other settings than the config's (experiments)."""
+        spec = spec or self.alignment_spec()
         aligned = copy.deepcopy(head).to(self.device)
         for p in aligned.parameters():
             p.requires_grad_(True)
-        opt = torch.optim.SGD(aligned.parameters(), lr=sc.ca_lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        opt = torch.optim.SGD(aligned.parameters(), lr=spec.lr, momentum=spec.momentum,
+                              weight_decay=spec.weight_decay)
         rng = np.random.default_rng(self.cfg.seed + 1009 * session + 7919 * draw)
         gen = torch.Generator().manual_seed(self.cfg.seed + 1013 * session + 7919 * draw)
-        blocks = aligned.blocks if sc.logit_norm == "session" else None
         losses = []
         with torch.enable_grad():
-            self._align_epochs(aligned, opt, stats, rng, gen, blocks, losses)
+            self._align_epochs(aligned, opt, stats, rng, gen, spec, losses)
         self.history[f"ca_{session + 1}"] = losses
+        if spec.fc_scale_mu > 0:  # SLCA++'s head-input scales 1 + mu (T - t), folded (the head is linear)
+            scales = head_scales(np.arange(len(aligned.blocks)), len(aligned.blocks) - 1, spec.fc_scale_mu)
+            with torch.no_grad():
+                for layer, scale in zip(aligned.heads, scales):
+                    layer.weight.mul_(float(scale))
         for p in aligned.parameters():
             p.requires_grad_(False)
         return aligned.eval()
 
-    def _align_epochs(self, aligned, opt, stats, rng, gen, blocks, losses) -> None:
-        sc = self.cfg.slca
-        for epoch in range(sc.ca_epochs):
+    def _align_epochs(self, aligned, opt, stats, rng, gen, spec, losses) -> None:
+        blocks = aligned.blocks if spec.logit_norm == "session" else None
+        sessions, last = sessions_of(aligned.blocks), len(aligned.blocks) - 1
+        means = stats.mean.astype(np.float32)
+        for epoch in range(spec.epochs):
             for g in opt.param_groups:
-                g["lr"] = sc.ca_lr * 0.5 * (1 + math.cos(math.pi * epoch / sc.ca_epochs))
-            x, y = stats.sample(sc.ca_samples_per_class, rng)
+                g["lr"] = spec.lr_at(epoch)
+            x, y = stats.sample(spec.samples_per_class, rng)
+            x = adjust_draws(x, y, means, sessions, last, spec, rng)
             x, y = torch.from_numpy(x), torch.from_numpy(y)
             order = torch.randperm(len(y), generator=gen)
             total = 0.0
-            for start in range(0, len(y), sc.ca_batch_size):
-                idx = order[start:start + sc.ca_batch_size]
+            for start in range(0, len(y), spec.batch_size):
+                idx = order[start:start + spec.batch_size]
                 logits = aligned(x[idx].to(self.device))
-                if sc.tau > 0:
-                    logits = logit_normalize(logits, sc.tau, blocks)
+                if spec.tau > 0:
+                    logits = logit_normalize(logits, spec.tau, blocks)
                 loss = F.cross_entropy(logits, y[idx].to(self.device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -262,6 +284,7 @@ class SLCA(Learner):
         return {**super().meta(), "feature_dim": self.ptm.feature_dim, "head": "linear",
                 "linear": {"logits": "f @ weight.T + bias", "blocks": self.head.blocks,
                            "aligned": self.aligned is not None},
+                "alignment": to_dict(self.alignment_spec()),  # what the device re-runs to enroll
                 "classstats": {"form": sc.export_cov_form, "rank": sc.export_cov_rank, "eps": sc.cov_eps,
                                "bytes_per_class": ClassStats(self.ptm.feature_dim, sc.export_cov_form,
                                                              sc.export_cov_rank).bytes_per_class()},
