@@ -4,8 +4,9 @@
 * host overhead per frame: everything of :func:`edgecl.device.loop.process_frame` but the
   engine call (resize from ``frame_size``, heads, aggregation, top-k, overlay, JSON line);
 * frames per second of that loop (no capture, no display);
-* enrollment per class beyond feature extraction: projection + rank-k update of every head
-  (``enroll_ms`` median over ``enroll_classes`` classes of ``enroll_frames`` frames x views),
+* enrollment per class beyond feature extraction: projection + rank-k update of every ridge
+  head, the classifier alignment of a linear (SLCA-family) head (``enroll_ms`` median over
+  ``enroll_classes`` classes of ``enroll_frames`` frames x views),
   and the one-time preparation (loading G, first Cholesky factor) separately; on an engine with
   unknown rejection, the threshold's recomputation after each enrollment (``threshold_ms``: the
   held-out images through the new heads; the first one also projects them, once);
@@ -93,7 +94,8 @@ def run_bench(engine_dir, backend: str = "auto", frames: int = 200, warmup: int 
         result.update({
             "enroll": {"classes": enroll_classes, "frames_per_class": enroll_frames, "views": list(DEFAULT_VIEWS),
                        "rows_per_class": enroll_frames * (1 if AVERAGE_VIEWS else len(DEFAULT_VIEWS)),
-                       "heads": {ln: {"kind": h.kind, "row_width": h.width} for ln, h in heads.items()},
+                       "heads": {ln: {"kind": h.kind, "row_width": h.width, **h.last_update}
+                                 for ln, h in heads.items()},
                        "enroll_ms_per_class": _stats(enroll_ms) if enroll_ms else None,
                        "feature_ms_per_class": _stats(feat_ms) if feat_ms else None,
                        "commit_ms": _stats(commit_ms) if commit_ms else None,

@@ -34,7 +34,7 @@ from edgecl.core.durable import sha256_file
 from edgecl.core.errors import EdgeclError
 from edgecl.core.formats import EngineManifest, engine_fix, load_tensor_file, manifest_format, split_learner, unpack
 
-from .heads import load_head
+from .heads import head_class, load_head
 
 
 def is_engine_dir(path) -> bool:
@@ -115,7 +115,14 @@ def load_open_set(path, manifest: EngineManifest):
 def load_heads(path, manifest: EngineManifest) -> dict:
     """{learner: :class:`~edgecl.device.heads.Head`} through the head registry."""
     tensors = load_tensors(path, manifest, "heads")
-    return {ln: load_head(info.head, unpack(tensors[ln], info.head), f"engine directory {path}, learner {ln!r}")
+
+    def own(ln: str, kind: str) -> dict:  # the head's tensors, and those of the groups it also reads
+        out = unpack(tensors[ln], kind)
+        for group in head_class(kind, f"engine directory {path}, learner {ln!r}").groups:
+            out.update({f"{group}.{k}": v for k, v in unpack(tensors[ln], group).items()})
+        return out
+
+    return {ln: load_head(info.head, own(ln, info.head), f"engine directory {path}, learner {ln!r}", info)
             for ln, info in manifest.learners.items()}
 
 

@@ -42,7 +42,7 @@ from edgecl.core.formats import ClassEntry, EngineManifest, check_output_path, u
 from edgecl.core.labels import check_label, shown
 
 from .engine_dir import class_names, load_heads, load_tensor_names, load_tensors, read_manifest, verify
-from .heads import StoreView
+from .heads import StoreView, load_head
 from .store import ClassStore, StoreState, default_store_path
 
 # alpha, beta: chosen on held-out data, docs/DEVICE.md "Imbalance" (python -m benchmarks enroll); margin
@@ -153,7 +153,7 @@ class ClassHeads:
     def use_state(self, state: StoreState) -> None:
         """Serve ``state`` (not committed until :meth:`commit`): fresh heads from the engine's tensors bound to it."""
         self.state = state
-        self.heads = {ln: type(h)(h.tensors) for ln, h in self.heads.items()}
+        self.heads = {ln: load_head(h.kind, h.tensors, str(self.engine_dir), h.facts) for ln, h in self.heads.items()}
         for ln, head in self.heads.items():
             head.attach(StoreView(ln, state, lambda ln=ln: self.base_stats(ln), str(self.engine_dir),
                                   self.refactor_every, self.log, lambda name, ln=ln: self.base_stat(ln, name)))
@@ -221,14 +221,16 @@ class ClassHeads:
         """The learner's class statistics in the engine directory (names without prefix)."""
         if self._stats is None:
             self._stats = load_tensors(self.engine_dir, self.manifest, "stats")
-        return unpack(self._stats[ln], self.heads[ln].kind)
+        head = self.heads[ln]
+        return unpack(self._stats[ln], head.stats_kind or head.kind)
 
     def base_stat(self, ln: str, name: str):
         """One of the learner's class statistics (None when absent), read alone unless all are loaded:
         serving a store's enrolled classes needs Q and the counts, not G."""
         if self._stats is not None:
             return self.base_stats(ln).get(name)
-        key = f"{ln}.{self.heads[ln].kind}.{name}"
+        head = self.heads[ln]
+        key = f"{ln}.{head.stats_kind or head.kind}.{name}"
         if key not in self._small_stats:
             self._small_stats[key] = load_tensor_names(self.engine_dir, self.manifest, "stats", [key]).get(key)
         return self._small_stats[key]

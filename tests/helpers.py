@@ -183,11 +183,41 @@ def _graph(path: Path, learners: list, d: int, seed: int = 0) -> dict:
     return mats
 
 
+# a small alignment (seconds on a CPU), what an SLCA bundle records (edgecl.core.formats.AlignmentSpec)
+LINEAR_ALIGNMENT = {"epochs": 3, "samples_per_class": 32, "batch_size": 64, "lr": 0.05, "momentum": 0.9,
+                    "weight_decay": 0.0005, "tau": 0.1, "logit_norm": "session", "mean_scale": False,
+                    "fc_scale_mu": 0.0, "seed": 7}
+
+
+def _linear_head(ln: str, f: np.ndarray, labels: np.ndarray, classes: int, seed: int) -> tuple:
+    """An SLCA-family learner's tensors for features ``f``: stage-1 heads (normalised class means,
+    a stand-in for stage 1), lowrank statistics, and the head aligned from them by the device's
+    own alignment (edgecl.core.alignment)."""
+    from edgecl.core.alignment import align, draw_epochs, sessions_of
+    from edgecl.core.classstats import ClassStats
+    from edgecl.core.formats import AlignmentSpec
+
+    stats = ClassStats(f.shape[1], "lowrank", rank=4)
+    stats.add(f, labels)
+    means = stats.mean.astype(np.float32)
+    w1 = means / np.linalg.norm(means, axis=1, keepdims=True)
+    b1 = np.zeros(classes, np.float32)
+    blocks = [classes // 2, classes - classes // 2]
+    spec = AlignmentSpec(**LINEAR_ALIGNMENT)
+    rng = np.random.default_rng(seed)
+    samplers = [lambda n, r, c=c: stats.sample(n, r, classes=[c])[0] for c in range(classes)]
+    W, b, _ = align(w1, b1, blocks, draw_epochs(samplers, means, sessions_of(blocks), 1, spec, rng), spec)
+    heads = {f"{ln}.linear.weight": W, f"{ln}.linear.bias": b, f"{ln}.linear.blocks": np.array(blocks, np.int64),
+             f"{ln}.stage1.weight": w1, f"{ln}.stage1.bias": b1, f"{ln}.stage1.blocks": np.array(blocks, np.int64)}
+    return heads, {f"{ln}.classstats.{k}": v for k, v in stats.state().items()}
+
+
 def make_engine_dir(path, learners=("main",), classes: int = 6, per_class: int = 40, d: int = 24, M: int = 64,
                     lam: float = 1.0, gamma: float = 1.0, record_counts: bool = False, seed: int = 0,
                     head: str = "ranpac") -> Path:
     """Write an engine directory (format of edgecl.device.engine_dir) with RanPAC heads and
-    statistics, or SimpleCIL prototypes (``head="prototypes"``, no statistics)."""
+    statistics, SimpleCIL prototypes (``head="prototypes"``, no statistics) or an SLCA-family
+    linear head (``head="linear"``: two sessions, lowrank class statistics, aligned)."""
     from safetensors.numpy import save_file
 
     from edgecl.core.durable import sha256_file
@@ -200,6 +230,11 @@ def make_engine_dir(path, learners=("main",), classes: int = 6, per_class: int =
     heads, stats = {}, {}
     for i, ln in enumerate(learners):
         f = frames.reshape(len(frames), -1).astype(np.float32) @ mats[ln]
+        if head == "linear":
+            heads_, stats_ = _linear_head(ln, f, labels, classes, seed)
+            heads.update(heads_)
+            stats.update(stats_)
+            continue
         if head == "prototypes":
             heads.update({f"{ln}.prototypes.sums": np.stack([f[labels == c].sum(0) for c in range(classes)]).astype(
                 np.float64), f"{ln}.prototypes.counts": np.bincount(labels).astype(np.float64)})
@@ -222,10 +257,12 @@ def make_engine_dir(path, learners=("main",), classes: int = 6, per_class: int =
     files = {n: sha256_file(path / n) for n in ("model.fp32.onnx", "heads.safetensors", "stats.safetensors",
                                                  "classes.json") if (path / n).is_file()}
     manifest = {
-        "format": "edgecl-engine", "format_version": 1, "method": "safe" if len(learners) > 1 else "ranpac",
+        "format": "edgecl-engine", "format_version": 1,
+        "method": "slcapp" if head == "linear" else "safe" if len(learners) > 1 else "ranpac",
         "input": {"name": "input", "size": SIZE, "layout": "NHWC", "dtype": "uint8", "channel_order": "BGR",
                   "mean": [0.5] * 3, "std": [0.5] * 3},
-        "learners": {ln: {"output": f"features_{ln}", "feature_dim": d, "head": head} for ln in learners},
+        "learners": {ln: {"output": f"features_{ln}", "feature_dim": d, "head": head,
+                          **({"alignment": LINEAR_ALIGNMENT} if head == "linear" else {})} for ln in learners},
         "aggregation": {"kind": "entropy", "gamma": gamma} if len(learners) > 1 else None,
         "classes": {"file": "classes.json", "count": classes}, "precision": "fp32", "batch_range": [1, 8, 32],
         "models": {"fp32": {"file": "model.fp32.onnx", "runtime": "onnxruntime"}}, "engines": [], "files": files}

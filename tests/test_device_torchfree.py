@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import fresh_copy, labelled_frames
+from helpers import fresh_copy, labelled_frames, make_engine_dir
 
 
 def test_device_runs_without_torch(engines, tmp_path):
@@ -34,3 +34,11 @@ def test_device_runs_without_torch(engines, tmp_path):
     out = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "committed generation 1" in out.stdout, out.stderr + out.stdout
     assert "torch" not in out.stderr
+    # the SLCA path: a linear head enrolls by classifier alignment (numpy), run and enroll without torch
+    lin = make_engine_dir(tmp_path / "linear", head="linear")
+    code3 = code2.replace(str(eng), str(lin))
+    out = subprocess.run([sys.executable, "-c", code3], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and "committed generation 1" in out.stdout, out.stderr + out.stdout
+    code4 = code.replace(str(eng), str(lin))
+    out = subprocess.run([sys.executable, "-c", code4], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and "aligning" not in out.stdout, out.stderr  # the store's solution, no re-alignment

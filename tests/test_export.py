@@ -175,7 +175,8 @@ def test_engine_dir_eval_matches_bundle_and_parity(work, method):
 @pytest.mark.parametrize("method", ["slcapp", "seqft"])
 def test_slca_bundle_exports_with_its_linear_head(work, tmp_path, method):
     """SLCA-family bundles (aligned linear heads, LoRA or a fine-tuned backbone) export and
-    evaluate like the bundle; the device loop runs them and refuses enrollment with a clear message."""
+    evaluate like the bundle, with the alignment they were trained with; the device loop runs
+    them and enrolls by that alignment."""
     bundle, eng = tmp_path / "bundle", tmp_path / "engine"
     res = invoke(["train", "--data", str(work["data"]), "--method", method, "--out", str(bundle), *TINY,
                   "--set", "slca.ca_samples_per_class=16"])
@@ -183,6 +184,7 @@ def test_slca_bundle_exports_with_its_linear_head(work, tmp_path, method):
     assert invoke(["export", str(bundle), "--out", str(eng)]).exit_code == 0
     manifest = json.loads((eng / "manifest.json").read_text())
     assert manifest["learners"]["main"]["head"] == "linear"
+    assert manifest["learners"]["main"]["alignment"]["samples_per_class"] == 16  # the bundle's slca.ca_*
     assert json.loads((eng / "parity.json").read_text())["fp32"]["top1_agreement"] == 1.0
     got = json.loads(invoke(["eval", str(eng), "--data", str(work["data"]), "--json"]).stdout)
     ref = json.loads(invoke(["eval", str(bundle), "--data", str(work["data"]), "--json"]).stdout)
@@ -193,7 +195,10 @@ def test_slca_bundle_exports_with_its_linear_head(work, tmp_path, method):
     ran = invoke(["run", str(eng), "--source", str(first), "--headless", "--store", str(tmp_path / "s")])
     assert ran.exit_code == 0 and json.loads(ran.stdout.strip().splitlines()[-1])["frames"] > 0
     enroll = ["enroll", str(eng), "--name", "new", "--images", str(first), "--store", str(tmp_path / "s")]
-    one_line_error(invoke(enroll), "'linear' head", "cannot enroll")  # ... but cannot enroll into them yet
+    res = invoke(enroll)  # ... and enroll into them (classifier alignment on the device)
+    assert res.exit_code == 0 and "committed generation 1" in res.stdout, res.output
+    listed = invoke(["enroll", str(eng), "--list", "--store", str(tmp_path / "s")])
+    assert listed.stdout.count("\t") == manifest["classes"]["count"] + 1 and "new" in listed.stdout
 
 
 def test_engine_dir_loads_without_torch(work):

@@ -46,14 +46,17 @@ def head_class(kind: str, where: str = "") -> type:
                           f"({', '.join(sorted(HEADS))}); re-create it with this edgecl") from None
 
 
-def load_head(kind: str, tensors: dict, where: str = "") -> "Head":
-    """A head of ``kind`` from its tensors; a missing tensor is one line naming ``where``."""
+def load_head(kind: str, tensors: dict, where: str = "", facts=None) -> "Head":
+    """A head of ``kind`` from its tensors (and its learner's manifest entry ``facts``); a missing
+    tensor is one line naming ``where``."""
     cls = head_class(kind, where)
     missing = [n for n in cls.required if n not in tensors]
     if missing:
         raise EdgeclError(f"{where + ': ' if where else ''}the {kind} head lacks {', '.join(missing)}; "
                           f"re-create it with this edgecl")
-    return cls(tensors)
+    head = cls(tensors)
+    head.facts = facts
+    return head
 
 
 @dataclass
@@ -92,11 +95,15 @@ class Head:
 
     kind = ""
     required: tuple = ()
+    groups: tuple = ()  # other tensor groups of the learner the head reads, as "<group>.<name>" (SLCA: stage1)
+    stats_kind = ""  # the prefix of its statistics in stats.safetensors ("": the head's kind)
     enrollable = False
     projection: Optional[np.ndarray] = None  # a fixed input map the engine graph may run (RanPAC's W_rand)
+    last_update: dict = {}  # facts of the last enrollment's update that edgecl bench reports (linear: the alignment)
 
     def __init__(self, tensors: dict):
         self.tensors = tensors
+        self.facts = None  # the learner's entry in the engine manifest (formats.LearnerOutput), set by load_head
         self.view: Optional[StoreView] = None
 
     # ----------------------------------------------------------------- the engine's classes

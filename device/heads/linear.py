@@ -1,26 +1,50 @@
 """The linear head (SLCA / SLCA++: the aligned per-session heads, concatenated) on the device:
-logits = f @ weight.T + bias. Tensors: ``weight`` (C x d), ``bias`` (C), ``blocks`` (classes per
-session). The device runs it and renames or removes its classes; enrollment (classifier
-alignment from stored class statistics) is not implemented yet."""
+logits = f @ weight.T + bias.
+
+Tensors: ``weight`` (C x d), ``bias`` (C), ``blocks`` (classes per session) and the stage-1 heads
+the training's alignments start from (``stage1.weight``, ``stage1.bias``); each class's Gaussian
+(``classstats.*`` in ``stats.safetensors``: :class:`edgecl.core.classstats.ClassStats` in the
+bundle's export form); the alignment it was trained with (the manifest's learner ``alignment``).
+
+Enrollment re-runs SLCA's classifier alignment (Sec. 4.2) as training runs it after a session
+(:mod:`edgecl.core.alignment`, numpy): the enrolled classes' statistics come from their rows (the
+store keeps the rows, so the statistics are exact and follow every commit, rename, removal, merge
+and rollback), and the enrolled classes form one more session. The alignment starts from the
+stage-1 heads of the engine's classes and, for each enrolled class, a row drawn from N(0, 0.02^2)
+with zero bias (the authors' initialisation of a new head: the device trains no stage 1), draws
+``samples_per_class`` features per class per epoch batch by batch, and runs the configured SGD.
+Removing a class drops its row (the other logits do not change); renaming is a label.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+from edgecl.core.alignment import align, draw_epochs, head_scales, sessions_of
+from edgecl.core.classstats import ClassStats, ClassStatsError
+from edgecl.core.errors import EdgeclError
+
 from .base import Head, register_head
+
+INIT_STD = 0.02  # an enrolled class's initial row (the authors' trunc_normal(std=0.02) of a new head)
 
 
 @register_head
 class LinearHead(Head):
     kind = "linear"
     required = ("weight",)
-    enrollable = False
+    groups = ("stage1",)
+    stats_kind = "classstats"
 
     def __init__(self, tensors: dict):
         super().__init__(tensors)
         self.weight = np.asarray(tensors["weight"], np.float32)
         bias = tensors.get("bias")
         self.bias = np.zeros(len(self.weight), np.float32) if bias is None else np.asarray(bias, np.float32)
+        blocks = tensors.get("blocks")
+        self.blocks = [self.num_classes] if blocks is None else [int(b) for b in np.asarray(blocks).reshape(-1)]
+        self.current = (self.weight, self.bias)
+        self._stats = None
 
     @property
     def num_classes(self) -> int:
@@ -30,9 +54,121 @@ class LinearHead(Head):
     def width(self) -> int:
         return int(self.weight.shape[1])
 
+    @property
+    def spec(self):
+        return getattr(self.facts, "alignment", None)
+
+    @property
+    def enrollable(self) -> bool:
+        return self.spec is not None and "stage1.weight" in self.tensors
+
+    def refuse_enroll(self) -> None:
+        where = self.view.engine_dir if self.view else ""
+        raise EdgeclError(f"engine directory {where} has a linear head without the classifier alignment it was "
+                          f"trained with (its bundle predates the record, or is not an SLCA-family bundle): the "
+                          f"device runs it and can rename or remove its classes, but cannot enroll into it; "
+                          f"re-train the bundle with this edgecl and export it again")
+
     def logits_of_inputs(self, h: np.ndarray) -> np.ndarray:
         return np.asarray(h, np.float32) @ self.weight.T + self.bias
 
+    # ----------------------------------------------------------------- with the store
+    def attach(self, view) -> None:
+        super().attach(view)
+        st = view.state
+        if all(c.base is not None for c in st.classes):  # the engine's classes (renamed, removed): their rows
+            base = [c.base for c in st.classes]
+            self.current = (self.weight[base], self.bias[base])
+            return
+        cached = st.W.get(view.learner)
+        if cached is not None and cached.shape == (self.width + 1, len(st.classes)):
+            self.current = (np.ascontiguousarray(cached[:-1].T, np.float32), np.asarray(cached[-1], np.float32))
+        else:
+            view.log(f"aligning the {view.learner} head once from the class statistics (the store has no "
+                     f"solution cached)")
+            self.realign()
+
     def scores(self, h: np.ndarray) -> np.ndarray:
-        base = self.base_classes()  # engine classes only: a linear head does not enroll
-        return np.asarray(h, np.float32) @ self.weight[base].T + self.bias[base]
+        W, b = self.current
+        return np.asarray(h, np.float32) @ W.T + b
+
+    def base_statistics(self) -> ClassStats:
+        """The engine classes' Gaussians (read once)."""
+        if self._stats is None:
+            state = self.view.base_stats()
+            if not state:
+                raise EdgeclError(f"engine directory {self.view.engine_dir} has no class statistics for learner "
+                                  f"{self.view.learner!r} (stats.safetensors: classstats.*); enrollment needs "
+                                  f"them: re-export from an SLCA-family bundle")
+            try:
+                self._stats = ClassStats.from_state({k: np.asarray(v) for k, v in state.items()})
+            except ClassStatsError as exc:
+                raise EdgeclError(f"engine directory {self.view.engine_dir}: {exc}; re-export it") from None
+            if self._stats.num_classes != self.num_classes or self._stats.dim != self.width:
+                raise EdgeclError(f"engine directory {self.view.engine_dir}: statistics of "
+                                  f"{self._stats.num_classes} classes x {self._stats.dim} for a head of "
+                                  f"{self.num_classes} x {self.width}; re-export it")
+        return self._stats
+
+    def prepare(self) -> None:
+        self.base_statistics()
+
+    def enroll(self, j: int, new_rows: np.ndarray, old_rows: np.ndarray) -> None:
+        """Nothing yet: the alignment runs in :meth:`settle`, once the rows are in the state."""
+
+    def settle(self) -> None:
+        self.realign()
+
+    def remove(self, j: int, entry, rows: np.ndarray) -> None:
+        W, b = self.current
+        self.current = (np.delete(W, j, axis=0), np.delete(b, j))
+
+    def realign(self) -> None:
+        """Classifier alignment over the store's current classes (see the module docstring)."""
+        st, spec = self.view.state, self.spec
+        if spec is None or "stage1.weight" not in self.tensors:
+            self.refuse_enroll()
+        base = self.base_statistics()
+        stage1_w = np.asarray(self.tensors["stage1.weight"], np.float32)
+        stage1_b = np.asarray(self.tensors.get("stage1.bias", np.zeros(len(stage1_w))), np.float32)
+        engine_sessions = sessions_of(self.blocks)
+        device_session = len(self.blocks)  # the enrolled classes: one more session
+        rng = np.random.default_rng([spec.seed, len(st.classes), len(st.row_uid)])
+        samplers, means, sessions, w0, b0 = [], [], [], [], []
+        enrolled = [c for c in st.classes if c.base is None]
+        shared = base.form == "shared"  # the enrolled classes' scatter joins the pooled covariance of all
+        fresh = base.copy() if shared else ClassStats(base.dim, base.form, base.rank, base.eps)
+        source = fresh if shared else base
+        for c in st.classes:
+            if c.base is not None:
+                k = c.base
+                samplers.append(lambda n, r, k=k: source.sample(n, r, classes=[k])[0])
+                means.append(base.mean[k])
+                sessions.append(engine_sessions[k])
+                w0.append(stage1_w[k])
+                b0.append(stage1_b[k])
+                continue
+            label = (base.num_classes if shared else 0) + enrolled.index(c)
+            rows = self.view.rows[st.rows_of(c.uid)]
+            fresh.add(rows, np.full(len(rows), label))
+            samplers.append(lambda n, r, k=label: fresh.sample(n, r, classes=[k])[0])
+            means.append(fresh.mean[label])
+            sessions.append(device_session)
+            w0.append(rng.normal(0.0, INIT_STD, base.dim).astype(np.float32))
+            b0.append(np.float32(0.0))
+        sessions = np.asarray(sessions)
+        order = np.argsort(sessions, kind="stable")  # session blocks contiguous (the logit normalisation)
+        last = int(sessions.max())
+        blocks = np.unique(sessions[order], return_counts=True)[1].tolist()
+        epochs = draw_epochs([samplers[i] for i in order], np.asarray(means)[order], sessions[order], last, spec, rng)
+        W, b, losses = align(np.asarray(w0)[order], np.asarray(b0)[order], blocks, epochs, spec)
+        W *= head_scales(sessions[order], last, spec.fc_scale_mu)[:, None].astype(np.float32)
+        inverse = np.argsort(order)
+        self.current = (W[inverse], b[inverse])
+        self.last_update = {"aligned_classes": len(order), "draws": len(order) * spec.samples_per_class * spec.epochs,
+                               "losses": [round(x, 4) for x in losses]}
+
+    def solution(self) -> np.ndarray:
+        """[d + 1, C]: weight.T with the bias as its last row (what the store keeps)."""
+        W, b = self.current
+        return np.vstack([W.T, b[None]]).astype(np.float32)
