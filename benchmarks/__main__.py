@@ -23,6 +23,7 @@ SUITES = (
     "export",
     "device_video_parity",
     "enroll",
+    "enroll_linear",
     "enroll_splits",
     "open_set",
     "serve",

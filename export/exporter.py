@@ -32,7 +32,6 @@ from edgecl.core.errors import EdgeclError
 from edgecl.core.formats import (
     BUNDLE_FIX,
     Aggregation,
-    AlignmentSpec,
     BundleManifest,
     ClassesRef,
     EngineManifest,
@@ -79,13 +78,6 @@ def check_options(precision: str, trt: bool) -> None:
         from .tensorrt import import_tensorrt
 
         import_tensorrt()
-
-
-def _alignment(bm: BundleManifest, bundle) -> Optional[AlignmentSpec]:
-    """The classifier alignment an SLCA-family bundle was trained with (None: a bundle written
-    before it was recorded; the device then cannot enroll into its linear head)."""
-    spec = bm.learner.extra.get("alignment")
-    return None if spec is None else from_dict(AlignmentSpec, spec, f"bundle {bundle}: learner alignment")
 
 
 def _learner_tensors(group: dict, learners: list) -> dict:
@@ -247,7 +239,9 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
                             preprocessing="in graph: (x/255 - mean)/std, channel flip; the device only resizes"),
             learners={ln: LearnerOutput(output=output_name(ln), head=kinds[ln],
                                         feature_dim=getattr(feature_models[ln], "feature_dim", None),
-                                        alignment=_alignment(bm, bundle) if kinds[ln] == "linear" else None)
+                                        # SLCA family: the alignment the device re-runs to enroll (from the
+                                        # bundle's configuration, so older bundles carry it too)
+                                        alignment=learner.alignment_spec() if kinds[ln] == "linear" else None)
                       for ln in learners},
             # SAFE: what the bundle predicts ("aggregate" of the learners, or one learner alone)
             aggregation=aggregation, open_set=open_set,

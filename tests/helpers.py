@@ -205,8 +205,7 @@ def _linear_head(ln: str, f: np.ndarray, labels: np.ndarray, classes: int, seed:
     blocks = [classes // 2, classes - classes // 2]
     spec = AlignmentSpec(**LINEAR_ALIGNMENT)
     rng = np.random.default_rng(seed)
-    samplers = [lambda n, r, c=c: stats.sample(n, r, classes=[c])[0] for c in range(classes)]
-    W, b, _ = align(w1, b1, blocks, draw_epochs(samplers, means, sessions_of(blocks), 1, spec, rng), spec)
+    W, b, _ = align(w1, b1, blocks, draw_epochs(stats, np.arange(classes), sessions_of(blocks), 1, spec, rng), spec)
     heads = {f"{ln}.linear.weight": W, f"{ln}.linear.bias": b, f"{ln}.linear.blocks": np.array(blocks, np.int64),
              f"{ln}.stage1.weight": w1, f"{ln}.stage1.bias": b1, f"{ln}.stage1.blocks": np.array(blocks, np.int64)}
     return heads, {f"{ln}.classstats.{k}": v for k, v in stats.state().items()}

@@ -178,12 +178,12 @@ def test_a_linear_engine_without_its_alignment_refuses_enrollment_in_one_line(tm
 
     eng = make_engine_dir(tmp_path / "eng", head="linear")
     mf = json.loads((eng / "manifest.json").read_text())
-    del mf["learners"]["main"]["alignment"]  # a bundle from before the alignment was recorded
+    del mf["learners"]["main"]["alignment"]  # exported before the alignment was recorded
     (eng / "manifest.json").write_text(json.dumps(mf))
     assert sha256_file(eng / "heads.safetensors")  # the rest is intact
     rt = runtime(eng, store=tmp_path / "s")
     assert rt.classify(labelled_frames([0], 2, seed=1)[0])["scores"].shape == (2, 6)  # it still runs
-    with pytest.raises(EdgeclError, match="without the classifier alignment.*re-train the bundle"):
+    with pytest.raises(EdgeclError, match="without the classifier alignment.*export its bundle again"):
         rt.enroll_frames("new", class_frames(6, 5, seed=9))
 
 

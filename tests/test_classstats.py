@@ -46,6 +46,25 @@ def test_sampler_matches_the_stored_gaussian(form):
         assert np.abs(cov - target).max() < 0.05 * np.outer(scale, scale).max(), form
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_draw_for_given_labels_matches_the_stored_gaussian(form):
+    """``draw`` (the device's batch-by-batch alignment draws): classes in any order, each from its Gaussian."""
+    x, y, _ = _data()
+    stats = ClassStats(6, form, rank=2, eps=0.0)
+    stats.add(x, y)
+    labels = np.random.default_rng(2).permutation(np.repeat([2, 0], 20000))
+    feats = stats.draw(labels, np.random.default_rng(1))
+    assert feats.dtype == np.float32 and feats.shape == (40000, 6)
+    for c in (0, 2):
+        mu, cov = _empirical(feats[labels == c].astype(np.float64))
+        target = stats.covariance(c)
+        scale = np.sqrt(np.diag(target))
+        assert np.allclose(mu, stats.means()[c], atol=0.05 * scale.max())
+        assert np.abs(cov - target).max() < 0.05 * np.outer(scale, scale).max(), form
+    with pytest.raises(ClassStatsError, match="class 5 has no statistics"):
+        stats.draw([0, 5], np.random.default_rng(0))
+
+
 def test_full_and_diag_statistics_equal_numpy_estimates():
     x, y, _ = _data()
     full, diag = ClassStats(6, "full"), ClassStats(6, "diag")

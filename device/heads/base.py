@@ -143,7 +143,7 @@ class Head:
     def refuse_enroll(self) -> None:
         raise EdgeclError(f"engine directory {self.view.engine_dir if self.view else ''} has a {self.kind!r} head: "
                           f"the device runs it and can rename or remove its classes, but cannot enroll into it; "
-                          f"enroll on a RanPAC, SAFE or SimpleCIL engine")
+                          f"enroll on a RanPAC, SAFE, SimpleCIL or SLCA-family engine")
 
     def prepare(self) -> None:
         """One-time work before the first update (kept out of the timed update)."""

@@ -65,9 +65,8 @@ class LinearHead(Head):
     def refuse_enroll(self) -> None:
         where = self.view.engine_dir if self.view else ""
         raise EdgeclError(f"engine directory {where} has a linear head without the classifier alignment it was "
-                          f"trained with (its bundle predates the record, or is not an SLCA-family bundle): the "
-                          f"device runs it and can rename or remove its classes, but cannot enroll into it; "
-                          f"re-train the bundle with this edgecl and export it again")
+                          f"trained with (exported by an older edgecl): the device runs it and can rename or "
+                          f"remove its classes, but cannot enroll into it; export its bundle again with this edgecl")
 
     def logits_of_inputs(self, h: np.ndarray) -> np.ndarray:
         return np.asarray(h, np.float32) @ self.weight.T + self.bias
@@ -134,25 +133,21 @@ class LinearHead(Head):
         engine_sessions = sessions_of(self.blocks)
         device_session = len(self.blocks)  # the enrolled classes: one more session
         rng = np.random.default_rng([spec.seed, len(st.classes), len(st.row_uid)])
-        samplers, means, sessions, w0, b0 = [], [], [], [], []
         enrolled = [c for c in st.classes if c.base is None]
-        shared = base.form == "shared"  # the enrolled classes' scatter joins the pooled covariance of all
-        fresh = base.copy() if shared else ClassStats(base.dim, base.form, base.rank, base.eps)
-        source = fresh if shared else base
+        # the engine's classes, then the enrolled ones as new classes (their scatter joins a shared form's pool)
+        stats = base.copy() if enrolled else base
+        classes, sessions, w0, b0 = [], [], [], []
         for c in st.classes:
             if c.base is not None:
-                k = c.base
-                samplers.append(lambda n, r, k=k: source.sample(n, r, classes=[k])[0])
-                means.append(base.mean[k])
-                sessions.append(engine_sessions[k])
-                w0.append(stage1_w[k])
-                b0.append(stage1_b[k])
+                classes.append(c.base)
+                sessions.append(engine_sessions[c.base])
+                w0.append(stage1_w[c.base])
+                b0.append(stage1_b[c.base])
                 continue
-            label = (base.num_classes if shared else 0) + enrolled.index(c)
+            label = base.num_classes + enrolled.index(c)
             rows = self.view.rows[st.rows_of(c.uid)]
-            fresh.add(rows, np.full(len(rows), label))
-            samplers.append(lambda n, r, k=label: fresh.sample(n, r, classes=[k])[0])
-            means.append(fresh.mean[label])
+            stats.add(rows, np.full(len(rows), label))
+            classes.append(label)
             sessions.append(device_session)
             w0.append(rng.normal(0.0, INIT_STD, base.dim).astype(np.float32))
             b0.append(np.float32(0.0))
@@ -160,7 +155,7 @@ class LinearHead(Head):
         order = np.argsort(sessions, kind="stable")  # session blocks contiguous (the logit normalisation)
         last = int(sessions.max())
         blocks = np.unique(sessions[order], return_counts=True)[1].tolist()
-        epochs = draw_epochs([samplers[i] for i in order], np.asarray(means)[order], sessions[order], last, spec, rng)
+        epochs = draw_epochs(stats, np.asarray(classes)[order], sessions[order], last, spec, rng)
         W, b, losses = align(np.asarray(w0)[order], np.asarray(b0)[order], blocks, epochs, spec)
         W *= head_scales(sessions[order], last, spec.fc_scale_mu)[:, None].astype(np.float32)
         inverse = np.argsort(order)

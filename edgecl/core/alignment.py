@@ -137,25 +137,20 @@ def align(weight: np.ndarray, bias: np.ndarray, blocks, epochs: Iterable, spec: 
     return W, b, losses
 
 
-def draw_epochs(samplers: list, means: np.ndarray, sessions: np.ndarray, last: int, spec: AlignmentSpec,
-                rng: np.random.Generator):
+def draw_epochs(stats, classes, sessions: np.ndarray, last: int, spec: AlignmentSpec, rng: np.random.Generator):
     """The device's draws, batch by batch (memory: one batch of features, whatever the number of
     classes): per epoch, ``spec.samples_per_class`` labels per head row shuffled, each batch's
-    features drawn from its rows' Gaussians, then :func:`adjust_draws`. ``samplers[j](k, rng)``
-    draws k features of head row j's class (:meth:`edgecl.core.classstats.ClassStats.sample`),
-    ``means[j]`` is its mean, ``sessions[j]`` its session. Statistically the training's draws
-    (every class drawn at once, then shuffled), with less memory."""
-    means = np.asarray(means, np.float32)
-    dim = means.shape[1]
+    features drawn from its rows' Gaussians (:meth:`edgecl.core.classstats.ClassStats.draw`),
+    then :func:`adjust_draws`. ``classes[j]`` is head row j's class in ``stats``, ``sessions[j]``
+    its session. Statistically the training's draws (every class drawn at once, then shuffled),
+    with less memory."""
+    classes = np.asarray(classes, dtype=np.int64)
+    means = stats.mean[classes].astype(np.float32)
 
     def batches(labels):
         for start in range(0, len(labels), spec.batch_size):
             y = labels[start:start + spec.batch_size]
-            x = np.empty((len(y), dim), np.float32)
-            for j in np.unique(y):
-                sel = np.flatnonzero(y == j)
-                x[sel] = samplers[j](len(sel), rng)
-            yield adjust_draws(x, y, means, sessions, last, spec, rng), y
+            yield adjust_draws(stats.draw(classes[y], rng), y, means, sessions, last, spec, rng), y
 
     for _ in range(spec.epochs):
-        yield batches(rng.permutation(np.repeat(np.arange(len(samplers)), spec.samples_per_class)))
+        yield batches(rng.permutation(np.repeat(np.arange(len(classes)), spec.samples_per_class)))

@@ -168,6 +168,7 @@ class ClassStats:
         out.factor = [a.copy() for a in self.factor]
         out.resid = [a.copy() for a in self.resid]
         out.pooled = None if self.pooled is None else self.pooled.copy()
+        out._chol = dict(self._chol)  # sampling factors shared until a class changes (never written in place)
         return out
 
     # ------------------------------------------------------------------ the model
@@ -225,6 +226,18 @@ class ClassStats:
             self._chol[key] = np.linalg.cholesky(cov + self.eps * np.eye(self.dim)).astype(np.float32)
         return self._chol[key]
 
+    def _scales(self, c: int):
+        """The float32 sampling factors of class c, cached like the Cholesky factors: diag: the
+        standard deviations sqrt(M2 / (n - 1) + eps); lowrank: (F^T / sqrt(n - 1), sqrt(R / (n - 1) + eps))."""
+        if c not in self._chol:
+            dof = self._dof(c)
+            if self.form == "diag":
+                self._chol[c] = np.sqrt(self.m2[c] / dof + self.eps).astype(np.float32)
+            else:
+                self._chol[c] = (np.ascontiguousarray((self.factor[c] * (1.0 / np.sqrt(dof))).T, np.float32),
+                                 np.sqrt(self.resid[c] / dof + self.eps).astype(np.float32))
+        return self._chol[c]
+
     def sample(self, n_per_class: int, rng: np.random.Generator, classes=None,
                dtype=np.float32) -> tuple:
         """Draw ``n_per_class`` features from N(mu_c, Sigma_c + eps I) for every seen class (or
@@ -239,14 +252,35 @@ class ClassStats:
             elif self.form == "shared":
                 x = z @ self._cholesky("shared").T
             elif self.form == "diag":
-                x = z * np.sqrt(self.m2[c] / self._dof(c) + self.eps).astype(np.float32)
+                x = z * self._scales(int(c))
             else:
-                scale = 1.0 / np.sqrt(self._dof(c))
+                low, diag = self._scales(int(c))
                 z_low = rng.standard_normal((n, self.rank)).astype(np.float32)
-                x = z_low @ (self.factor[c] * scale).T.astype(np.float32)
-                x += z * np.sqrt(self.resid[c] / self._dof(c) + self.eps).astype(np.float32)
+                x = z_low @ low
+                x += z * diag
             feats[i * n:(i + 1) * n] = x + self.mean[c].astype(np.float32)
         return feats, np.repeat(np.asarray(classes, dtype=np.int64), n)
+
+    def draw(self, labels, rng: np.random.Generator) -> np.ndarray:
+        """One float32 feature from N(mu_c, Sigma_c + eps I) per entry of ``labels`` (any order,
+        classes repeated): the normals drawn in one go, each class's rows transformed together
+        (what the device's alignment draws batch by batch)."""
+        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+        z = rng.standard_normal((len(y), self.dim), dtype=np.float32)
+        z_low = rng.standard_normal((len(y), self.rank), dtype=np.float32) if self.form == "lowrank" else None
+        x = z @ self._cholesky("shared").T if self.form == "shared" else np.empty_like(z)
+        for c in np.unique(y):
+            sel = np.flatnonzero(y == c)
+            c = self._check_class(c)
+            if self.form == "full":
+                x[sel] = z[sel] @ self._cholesky(c).T
+            elif self.form == "diag":
+                x[sel] = z[sel] * self._scales(c)
+            elif self.form == "lowrank":
+                low, diag = self._scales(c)
+                x[sel] = z_low[sel] @ low + z[sel] * diag
+            x[sel] += self.mean[c].astype(np.float32)
+        return x
 
     # ------------------------------------------------------------------ size and conversion
     def bytes_per_class(self, itemsize: int = 4) -> int:

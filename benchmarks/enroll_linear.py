@@ -1,0 +1,165 @@
+"""Enrolling unseen classes into an SLCA-family engine: classifier alignment on the device vs imprinting.
+
+    python -m benchmarks enroll_linear --engine /tmp/r17/eng-slcapp90 --data ../shared/data/tiny-imagenet-100 \\
+        --out runs/enroll-linear
+
+The engine directory comes from an SLCA-family bundle trained on the first 90 classes of the
+seeded order (``edgecl train --method slcapp --profile quick --set data.num_classes=90``, then
+``edgecl export``); the 10 classes it never saw are enrolled one after the other from the first
+``--shots`` (20) train images of each, through the device's own path (OpenCV decode, fit, ONNX
+Runtime, the enrollment views averaged per image, as ``edgecl enroll`` does).
+
+Rows: the engine before enrollment; prototype imprinting on the linear head (each new class's
+mean feature as a row, normalised and scaled to the mean norm of the engine's rows, the mean of
+their biases as its bias: Coral's imprinting), with its scale tuned on the select split
+(imprinting's best case), and centred (the mean feature of the engine's classes removed first,
+scale tuned: the strongest imprinting here); the device's classifier alignment
+(:mod:`edgecl.device.heads.linear`: the engine's recorded alignment re-run over every class's
+statistics after each enrollment), and with fewer draws per class (``--draws``, cheaper on a
+board). Evaluation sets as ``python -m benchmarks enroll``: ``select`` = train images 300-349 of
+every class (what imprinting's scale is tuned on), ``val`` = the val/ folder (the reported
+figures). ``ms/class``: the update of the head per enrolled class (median; feature extraction
+excluded); an alignment covers every class so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import markdown_table, parser, write_results
+from benchmarks.enroll import accuracy, cached, evaluation_sets, features, list_images, load_frames
+
+PROG = "python -m benchmarks enroll_linear"
+
+
+def imprint_rows(head, rows_by_class: list, evals: dict, old: int, center: bool, tune: bool) -> dict:
+    """Imprinting on a linear head (see the module docstring); returns ``ms_per_class``, ``scale``
+    and the accuracy on each evaluation set."""
+    from edgecl.device.enroll import imprint_columns
+
+    W, b = head.weight, head.bias
+    stats = head.base_statistics()
+    mu = (stats.mean * stats.count[:, None]).sum(0) / stats.count.sum() if center else np.zeros(W.shape[1])
+    mu = mu.astype(np.float32)
+    t = time.perf_counter()
+    W_new = imprint_columns(W.T, [rows - mu for rows in rows_by_class])[:, old:].T
+    b_new = np.full(len(W_new), b.mean(), np.float32) - W_new @ mu
+    ms = 1000 * (time.perf_counter() - t) / len(rows_by_class)
+
+    def scores(name, mult):
+        F = evals[name][0]
+        return np.concatenate([F @ W.T + b, (F @ W_new.T + b_new) * mult], 1)
+
+    mult = 1.0
+    if tune:
+        grid = 2.0 ** np.arange(-6, 4.01, 0.25)
+        y = evals["select"][1]
+        mult = float(max(grid, key=lambda m: accuracy(scores("select", m), y, y >= old)["hmean"]))
+    out = {"ms_per_class": round(ms, 2), "scale": mult}
+    for name, (_F, y) in evals.items():
+        out[name] = accuracy(scores(name, mult), y, y >= old)
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = parser(PROG, __doc__)
+    ap.add_argument("--engine", required=True, help="an SLCA-family engine directory trained on 90 classes")
+    ap.add_argument("--data", required=True, help="tiny-imagenet-100 (ImageFolder with train/ and val/)")
+    ap.add_argument("--shots", type=int, default=20)
+    ap.add_argument("--draws", type=int, nargs="*", default=[64],
+                    help="also align with this many draws per class and epoch (the engine's own count always runs)")
+    ap.add_argument("--cache", default="/tmp/edgecl-enroll-bench")
+    ap.add_argument("--out", default="runs/enroll-linear")
+    args = ap.parse_args(argv)
+
+    from edgecl.device.engine_dir import read_manifest
+    from edgecl.device.enroll import DEFAULT_VIEWS, ClassHeads, augment_views, view_rows
+    from edgecl.device.runtime import Runtime
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    root = Path(args.data)
+    manifest = read_manifest(args.engine)
+    sha = manifest.files["model.fp32.onnx"]
+    store_tmp = Path(tempfile.mkdtemp(prefix="enroll-linear-"))
+    quiet = lambda m: None  # noqa: E731
+    rt = Runtime(args.engine, "ort-cpu", store=store_tmp / "probe", log=quiet)
+    head = rt.heads.heads["main"]
+    if head.kind != "linear" or not head.enrollable:
+        raise SystemExit(f"{args.engine}: not an SLCA-family engine with its alignment (RanPAC engines: "
+                         f"python -m benchmarks enroll)")
+    old_names = list(rt.classes)
+    all_names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    new_names = [n for n in all_names if n not in old_names]
+    order = old_names + new_names
+    old = len(old_names)
+    print(f"engine: {old} classes; enrolling {len(new_names)} unseen: {', '.join(new_names)}", flush=True)
+    t0 = time.perf_counter()
+    evals = evaluation_sets(rt, root, order, sha, cache)
+    rows = {}
+    for c in new_names:
+        files = list_images(root / "train" / c)[:args.shots]
+        feats = cached(cache, f"{sha}:enroll-views:{c}:{args.shots}:{'+'.join(DEFAULT_VIEWS)}",
+                       lambda files=files: features(rt, augment_views(load_frames(files, rt.size), DEFAULT_VIEWS)))
+        rows[c] = view_rows(feats, len(DEFAULT_VIEWS))  # one row per image: the mean of its views (the device's)
+    print(f"features ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    results = []
+
+    def report(row):
+        results.append(row)
+        print({k: row[k] for k in ("method", "ms_per_class", "select", "val") if k in row}, flush=True)
+
+    row = {"method": "engine before enrollment", "ms_per_class": 0}
+    for name, (F, y) in evals.items():
+        row[name] = accuracy(rt.heads.logits({"main": F})["main"], y, y >= old)
+    report(row)
+    imprint = [rows[c] for c in new_names]
+    report({"method": "imprinting, norm-matched (Coral)", **imprint_rows(head, imprint, evals, old, False, False)})
+    report({"method": "imprinting, scale tuned on select", **imprint_rows(head, imprint, evals, old, False, True)})
+    report({"method": "imprinting, centred, scale tuned on select",
+            **imprint_rows(head, imprint, evals, old, True, True)})
+
+    spec = manifest.learners["main"].alignment
+    for draws in [spec.samples_per_class] + [d for d in args.draws if d != spec.samples_per_class]:
+        heads = ClassHeads(args.engine, manifest, store_tmp / f"align-{draws}", log=quiet)
+        lin = heads.heads["main"]
+        lin.facts = dataclasses.replace(lin.facts, alignment=dataclasses.replace(spec, samples_per_class=draws))
+        heads.prepare()
+        ms = []
+        for c in new_names:
+            ms.append(heads.enroll(c, {"main": rows[c]})["update_ms"])
+        label = "classifier alignment on the device" + (" (the engine's)" if draws == spec.samples_per_class else "")
+        row = {"method": label, "draws_per_class": draws, "epochs": spec.epochs,
+               "ms_per_class": round(float(np.median(ms)), 1), "ms_last": round(float(ms[-1]), 1)}
+        for name, (F, y) in evals.items():
+            row[name] = accuracy(heads.logits({"main": F})["main"], y, y >= old)
+        report(row)
+    shutil.rmtree(store_tmp, ignore_errors=True)
+
+    table = []
+    for r in results:
+        what = f"{r['method']}" + (f", {r['draws_per_class']} draws/class x {r['epochs']} epochs"
+                                  if "draws_per_class" in r else "")
+        table.append([what, f"{r['select']['new']:.1f} / {r['select']['old']:.1f}", f"{r['val']['new']:.1f}",
+                      f"{r['val']['old']:.1f}", f"{r['val']['all']:.1f}", r["ms_per_class"]])
+    lines = markdown_table(["method", "select new / old", "**val new**", "**val old**", "val all", "ms/class"],
+                           table)
+    lines += ["", f"{old} engine classes, {len(new_names)} enrolled with {args.shots} images each (views "
+              f"{'+'.join(DEFAULT_VIEWS)} averaged); threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"]
+    write_results(args.out, "\n".join(lines), {"engine": args.engine, "new_classes": new_names, "shots": args.shots,
+                                               "alignment": dataclasses.asdict(spec), "results": results}, PROG, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
