@@ -241,7 +241,8 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
                                         feature_dim=getattr(feature_models[ln], "feature_dim", None),
                                         # SLCA family: the alignment the device re-runs to enroll (from the
                                         # bundle's configuration, so older bundles carry it too)
-                                        alignment=learner.alignment_spec() if kinds[ln] == "linear" else None)
+                                        alignment=learner.alignment_spec() if hasattr(learner, "alignment_spec")
+                                        else None)
                       for ln in learners},
             # SAFE: what the bundle predicts ("aggregate" of the learners, or one learner alone)
             aggregation=aggregation, open_set=open_set,
