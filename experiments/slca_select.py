@@ -12,7 +12,7 @@ heuristics: after every session each variant (``--variants``: the authors' mean 
 on the same statistics with the run's seed and scored on the seen classes' **held-out training
 images** (the last ``--heldout-per-class`` of each class, never read by the quick protocol:
 the variant is chosen on them, by held-out A_last averaged over the runs given to
-``--choose``) and on the val images (reported, never used to choose). A variant's val A_last and
+``--choose``; a heuristic must beat ``plain`` by more than ``--tie`` points) and on the val images (reported, never used to choose). A variant's val A_last and
 A_avg are exactly what ``edgecl train`` with that variant's configuration reports; the run's own
 configuration is one of the variants (a check: it reproduces the run's predictions).
 
@@ -48,8 +48,8 @@ def parse_variant(text: str) -> dict:
     return out
 
 
-def choose(dirs: list, out: str | None) -> int:
-    runs = [json.loads((Path(d) / "slca_select.json").read_text()) for d in dirs]
+def choose(dirs: list, out: str | None, tie: float) -> int:
+    runs = [json.loads((Path(d) / "slca_select.json").read_text())["results"] for d in dirs]
     names = list(runs[0]["variants"])
     header = ["variant"] + [f"{r['method']} s{r['seed']} held-out A_last" for r in runs] + \
              ["held-out mean"] + [f"{r['method']} s{r['seed']} val A_last / A_avg" for r in runs]
@@ -60,7 +60,12 @@ def choose(dirs: list, out: str | None) -> int:
         rows.append([v] + [f"{h:.2f}" for h in held] + [f"{means[v]:.2f}"] +
                     [f"{r['variants'][v]['val']['A_last']:.2f} / {r['variants'][v]['val']['A_avg']:.2f}" for r in runs])
     best = max(names, key=lambda v: (round(means[v], 2), -names.index(v)))  # ties: the earlier (simpler) variant
-    text = "\n".join(markdown_table(header, rows) + ["", f"chosen on the held-out images: **{best}**"])
+    first = names[0]  # plain: a heuristic is kept only when it beats it by more than --tie
+    if best != first and means[best] - means[first] <= tie:
+        best = first
+    text = "\n".join(markdown_table(header, rows) + [
+        "", f"chosen on the held-out images: **{best}** (the best mean held-out A_last; a heuristic must beat "
+            f"{first} by more than {tie} point, about twice the alignment draws' spread)"])
     print(text)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -78,11 +83,13 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout-per-class", type=int, default=50,
                     help="held-out training images per class the variant is chosen on (the last of each class)")
     ap.add_argument("--choose", nargs="+", metavar="DIR", help="print the choice over these runs' results")
+    ap.add_argument("--tie", type=float, default=0.2,
+                    help="points a heuristic must gain over the first variant (plain) on the held-out images")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="runs/slca-select")
     args = ap.parse_args(argv)
     if args.choose:
-        return choose(args.choose, args.out)
+        return choose(args.choose, args.out, args.tie)
     if not args.data:
         ap.error("--data is required (unless --choose)")
     variants = {v: parse_variant(v) for v in args.variants}
