@@ -238,6 +238,18 @@ class ClassStats:
                                  np.sqrt(self.resid[c] / dof + self.eps).astype(np.float32))
         return self._chol[c]
 
+    def _transform(self, c: int, z: np.ndarray, z_low) -> np.ndarray:
+        """Standard normals ``z`` [n, d] (and ``z_low`` [n, r], lowrank) -> n float32 draws of class c."""
+        if self.form in ("full", "shared"):
+            x = z @ self._cholesky(c if self.form == "full" else "shared").T
+        elif self.form == "diag":
+            x = z * self._scales(c)
+        else:
+            low, diag = self._scales(c)
+            x = z_low @ low
+            x += z * diag
+        return x + self.mean[c].astype(np.float32)
+
     def sample(self, n_per_class: int, rng: np.random.Generator, classes=None,
                dtype=np.float32) -> tuple:
         """Draw ``n_per_class`` features from N(mu_c, Sigma_c + eps I) for every seen class (or
@@ -247,18 +259,8 @@ class ClassStats:
         feats = np.empty((len(classes) * n, d), dtype=dtype)
         for i, c in enumerate(classes):
             z = rng.standard_normal((n, d)).astype(np.float32)
-            if self.form == "full":
-                x = z @ self._cholesky(int(c)).T
-            elif self.form == "shared":
-                x = z @ self._cholesky("shared").T
-            elif self.form == "diag":
-                x = z * self._scales(int(c))
-            else:
-                low, diag = self._scales(int(c))
-                z_low = rng.standard_normal((n, self.rank)).astype(np.float32)
-                x = z_low @ low
-                x += z * diag
-            feats[i * n:(i + 1) * n] = x + self.mean[c].astype(np.float32)
+            z_low = rng.standard_normal((n, self.rank)).astype(np.float32) if self.form == "lowrank" else None
+            feats[i * n:(i + 1) * n] = self._transform(int(c), z, z_low)
         return feats, np.repeat(np.asarray(classes, dtype=np.int64), n)
 
     def draw(self, labels, rng: np.random.Generator) -> np.ndarray:
@@ -268,18 +270,10 @@ class ClassStats:
         y = np.asarray(labels, dtype=np.int64).reshape(-1)
         z = rng.standard_normal((len(y), self.dim), dtype=np.float32)
         z_low = rng.standard_normal((len(y), self.rank), dtype=np.float32) if self.form == "lowrank" else None
-        x = z @ self._cholesky("shared").T if self.form == "shared" else np.empty_like(z)
+        x = np.empty_like(z)
         for c in np.unique(y):
             sel = np.flatnonzero(y == c)
-            c = self._check_class(c)
-            if self.form == "full":
-                x[sel] = z[sel] @ self._cholesky(c).T
-            elif self.form == "diag":
-                x[sel] = z[sel] * self._scales(c)
-            elif self.form == "lowrank":
-                low, diag = self._scales(c)
-                x[sel] = z_low[sel] @ low + z[sel] * diag
-            x[sel] += self.mean[c].astype(np.float32)
+            x[sel] = self._transform(self._check_class(c), z[sel], None if z_low is None else z_low[sel])
         return x
 
     # ------------------------------------------------------------------ size and conversion
