@@ -12,9 +12,10 @@ heuristics: after every session each variant (``--variants``: the authors' mean 
 on the same statistics with the run's seed and scored on the seen classes' **held-out training
 images** (the last ``--heldout-per-class`` of each class, never read by the quick protocol:
 the variant is chosen on them, by held-out A_last averaged over the runs given to
-``--choose``; a heuristic must beat ``plain`` by more than ``--tie`` points) and on the val images (reported, never used to choose). A variant's val A_last and
-A_avg are exactly what ``edgecl train`` with that variant's configuration reports; the run's own
-configuration is one of the variants (a check: it reproduces the run's predictions).
+``--choose``; a heuristic must beat ``plain`` by more than ``--tie`` points) and on the val
+images (reported, never used to choose). A variant's val A_last and A_avg are exactly what
+``edgecl train`` with that variant's configuration reports; the run's own configuration is one
+of the variants (a check: it reproduces the run's predictions).
 
 Writes OUT/slca_select.json and OUT/slca_select.md. ``--choose DIR [DIR ...]``: no training;
 reads those runs' JSON files and prints the choice table (``--out`` gets it as choice.md).
