@@ -26,7 +26,8 @@ from edgecl.core.errors import EdgeclError
 
 from .base import Head, register_head
 
-INIT_STD = 0.02  # an enrolled class's initial row (the authors' trunc_normal(std=0.02) of a new head)
+INIT_STD = 0.02  # "normal": an enrolled class's initial row (the authors' trunc_normal(std=0.02) of a new head)
+INITS = ("normal", "imprint")  # how an enrolled class's row starts the alignment (the device trains no stage 1)
 
 
 @register_head
@@ -35,6 +36,10 @@ class LinearHead(Head):
     required = ("weight",)
     groups = ("stage1",)
     stats_kind = "classstats"
+    # chosen on held-out training images (python -m benchmarks enroll_linear, docs/DEVICE.md): an enrolled
+    # class starts from its imprinted row and pools its nearest engine class's scatter
+    init = "imprint"  # one of INITS
+    borrow = True  # an enrolled class pools the scatter of its nearest engine class (ClassStats.borrow_scatter)
 
     def __init__(self, tensors: dict):
         super().__init__(tensors)
@@ -137,6 +142,7 @@ class LinearHead(Head):
         # the engine's classes, then the enrolled ones as new classes (their scatter joins a shared form's pool)
         stats = base.copy() if enrolled else base
         classes, sessions, w0, b0 = [], [], [], []
+        engine = [c.base for c in st.classes if c.base is not None]
         for c in st.classes:
             if c.base is not None:
                 classes.append(c.base)
@@ -147,10 +153,14 @@ class LinearHead(Head):
             label = base.num_classes + enrolled.index(c)
             rows = self.view.rows[st.rows_of(c.uid)]
             stats.add(rows, np.full(len(rows), label))
+            if self.borrow and engine:
+                near = engine[int(np.argmin(np.linalg.norm(base.mean[engine] - stats.mean[label], axis=1)))]
+                stats.borrow_scatter(label, base, near)
             classes.append(label)
             sessions.append(device_session)
-            w0.append(rng.normal(0.0, INIT_STD, base.dim).astype(np.float32))
-            b0.append(np.float32(0.0))
+            w, b = self._initial_row(stats.mean[label], base, stage1_w, stage1_b, rng)
+            w0.append(w)
+            b0.append(b)
         sessions = np.asarray(sessions)
         order = np.argsort(sessions, kind="stable")  # session blocks contiguous (the logit normalisation)
         last = int(sessions.max())
@@ -162,6 +172,19 @@ class LinearHead(Head):
         self.current = (W[inverse], b[inverse])
         self.last_update = {"aligned_classes": len(order), "draws": len(order) * spec.samples_per_class * spec.epochs,
                                "losses": [round(x, 4) for x in losses]}
+
+    def _initial_row(self, mean: np.ndarray, base, stage1_w: np.ndarray, stage1_b: np.ndarray, rng) -> tuple:
+        """(row, bias) an enrolled class starts the alignment from: ``normal``, N(0, 0.02^2) and 0
+        (a new head in the authors' code, before its stage 1); ``imprint``, its centred mean
+        direction (the engine's data mean removed) at the median norm of the stage-1 rows, the
+        bias putting the engine's data mean at their median bias (where a stage 1 points)."""
+        if self.init == "normal":
+            return rng.normal(0.0, INIT_STD, base.dim).astype(np.float32), np.float32(0.0)
+        centre = (base.mean * base.count[:, None]).sum(0) / max(float(base.count.sum()), 1.0)
+        direction = mean - centre
+        norm = float(np.median(np.linalg.norm(stage1_w, axis=1)))
+        w = direction / max(float(np.linalg.norm(direction)), 1e-12) * norm
+        return w.astype(np.float32), np.float32(np.median(stage1_b) - w @ centre)
 
     def solution(self) -> np.ndarray:
         """[d + 1, C]: weight.T with the bias as its last row (what the store keeps)."""

@@ -139,6 +139,19 @@ class ClassStats:
         self._chol.pop(c, None)
         self._chol.pop("shared", None)
 
+    def borrow_scatter(self, c: int, source: ClassStats, k: int) -> None:
+        """Pool class k's scatter (of ``source``, same form) into class c around c's own mean: c's
+        covariance becomes (M2_c + M2_k) / (n_c + n_k - 1), its mean unchanged. A class seen in a
+        few samples borrows the spread of its nearest well-sampled class (distribution calibration,
+        Yang et al., ICLR 2021, with one neighbour). Nothing to do in the shared form."""
+        if source.form != self.form:
+            raise ClassStatsError(f"borrow_scatter needs the same form ({self.form}), got {source.form}")
+        k = source._check_class(k)
+        if self.form == "shared":
+            return
+        part = (source.factor[k], source.resid[k]) if self.form == "lowrank" else source.m2[k]
+        self._merge_class(self._check_class(c), float(source.count[k]), self.mean[c].copy(), part)
+
     def merge(self, other: ClassStats) -> ClassStats:
         """A new object holding the statistics of both (as if every sample had been added to
         one). Exact for full / diag / shared; lowrank: see the module docstring."""
