@@ -65,6 +65,25 @@ def test_draw_for_given_labels_matches_the_stored_gaussian(form):
         stats.draw([0, 5], np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("form", ["full", "diag", "lowrank"])
+def test_borrow_scatter_pools_the_neighbours_spread_around_the_own_mean(form):
+    x, y, _ = _data()
+    base = ClassStats(6, form, rank=6)
+    base.add(x, y)
+    few = ClassStats(6, form, rank=6)
+    rows = x[y == 2][:5] + 10.0  # a new class: 5 rows somewhere else
+    few.add(rows, np.zeros(5))
+    own_mean, own_m2 = rows.mean(0), (rows - rows.mean(0)).T @ (rows - rows.mean(0))
+    few.borrow_scatter(0, base, 1)
+    assert np.allclose(few.means()[0], own_mean) and few.count[0] == 5 + 400
+    xs = x[y == 1]
+    want = (own_m2 + (xs - xs.mean(0)).T @ (xs - xs.mean(0))) / (5 + 400 - 1)
+    got = few.covariance(0)
+    assert np.allclose(np.diag(got), np.diag(want)) and (form != "full" or np.allclose(got, want)), form
+    with pytest.raises(ClassStatsError, match="same form"):
+        few.borrow_scatter(0, ClassStats(6, "shared"), 0)
+
+
 def test_full_and_diag_statistics_equal_numpy_estimates():
     x, y, _ = _data()
     full, diag = ClassStats(6, "full"), ClassStats(6, "diag")
