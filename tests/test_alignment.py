@@ -19,6 +19,15 @@ def linear_engine(tmp_path_factory):
     return make_engine_dir(tmp_path_factory.mktemp("linear") / "eng", head="linear")
 
 
+@pytest.fixture
+def no_offset(monkeypatch):
+    """The alignment alone: the enrolled classes' logit offset (chosen on a real 90-class engine,
+    in units of its logits' spread) off on the synthetic engine."""
+    from edgecl.device.heads.linear import LinearHead
+
+    monkeypatch.setattr(LinearHead, "offset", 0.0)
+
+
 def _torch_alignment(stats, blocks, w0, b0, spec, session):
     """SLCA.align (training's torch path) on a stand-in learner: (weight, bias, the draws it used)."""
     import torch
@@ -104,7 +113,7 @@ def _accuracy(rt, x, y):
     return np.array([(pred[y == c] == c).mean() for c in np.unique(y)])
 
 
-def test_a_linear_engine_enrolls_by_alignment_and_the_store_keeps_it(linear_engine, tmp_path):
+def test_a_linear_engine_enrolls_by_alignment_and_the_store_keeps_it(linear_engine, tmp_path, no_offset):
     store = tmp_path / "store"
     logs = []
     rt = runtime(linear_engine, store=store)
@@ -129,7 +138,7 @@ def test_a_linear_engine_enrolls_by_alignment_and_the_store_keeps_it(linear_engi
     np.testing.assert_array_equal(third.classify(x)["scores"], before)  # removal drops the row: the engine's logits
 
 
-def test_removing_an_engine_class_then_enrolling_aligns_the_remaining_classes(linear_engine, tmp_path):
+def test_removing_an_engine_class_then_enrolling_aligns_the_remaining_classes(linear_engine, tmp_path, no_offset):
     rt = runtime(linear_engine, store=tmp_path / "store")
     rt.heads.remove("class2")
     x, y = labelled_frames([0, 1, 3, 4, 5], 12, seed=5)
@@ -141,7 +150,7 @@ def test_removing_an_engine_class_then_enrolling_aligns_the_remaining_classes(li
     assert _accuracy(rt, x, y).min() >= 0.9
 
 
-def test_a_merged_store_is_aligned_once_then_starts_without_alignment(linear_engine, tmp_path):
+def test_a_merged_store_is_aligned_once_then_starts_without_alignment(linear_engine, tmp_path, no_offset):
     from edgecl.cli import main
 
     a, b = runtime(linear_engine, store=tmp_path / "a"), runtime(linear_engine, store=tmp_path / "b")
@@ -158,6 +167,22 @@ def test_a_merged_store_is_aligned_once_then_starts_without_alignment(linear_eng
     assert merged.classes[-2:] == ["alpha", "beta"] and not any("aligning" in m for m in logs)
     x, y = labelled_frames([0, 1, 2, 3, 4, 5, 6, 7], 12, seed=5)
     assert _accuracy(merged, x, y).min() >= 0.8
+
+
+def test_enrolled_classes_logits_are_offset_by_the_configured_spreads(linear_engine, tmp_path, monkeypatch):
+    from edgecl.device.heads.linear import LinearHead
+
+    rt = runtime(linear_engine, store=tmp_path / "s")
+    rt.enroll_frames("new", class_frames(6, 10, seed=9))
+    head = rt.heads.heads["main"]
+    x = labelled_frames(range(7), 3, seed=5)[0]
+    with_offset = rt.classify(x)["scores"]
+    monkeypatch.setattr(head, "offset", 0.0)
+    without = rt.classify(x)["scores"]
+    sd = head.logit_sd()
+    assert sd > 0 and LinearHead.offset > 0
+    np.testing.assert_allclose(with_offset[:, 6] - without[:, 6], LinearHead.offset * sd, rtol=1e-5)
+    np.testing.assert_array_equal(with_offset[:, :6], without[:, :6])  # the engine's classes untouched
 
 
 def test_bench_reports_the_alignment_of_an_enrollment(linear_engine):

@@ -28,6 +28,9 @@ from .base import Head, register_head
 
 INIT_STD = 0.02  # "normal": an enrolled class's initial row (the authors' trunc_normal(std=0.02) of a new head)
 INITS = ("normal", "imprint")  # how an enrolled class's row starts the alignment (the device trains no stage 1)
+# the enrolled classes' logit offset, in standard deviations of the engine's logits (LinearHead.logit_sd):
+# chosen on held-out training images (python -m benchmarks enroll_linear, docs/DEVICE.md)
+OFFSET = 1.375
 
 
 @register_head
@@ -40,6 +43,7 @@ class LinearHead(Head):
     # class starts from its imprinted row and pools its nearest engine class's scatter
     init = "imprint"  # one of INITS
     borrow = True  # an enrolled class pools the scatter of its nearest engine class (ClassStats.borrow_scatter)
+    offset = OFFSET
 
     def __init__(self, tensors: dict):
         super().__init__(tensors)
@@ -50,6 +54,7 @@ class LinearHead(Head):
         self.blocks = [self.num_classes] if blocks is None else [int(b) for b in np.asarray(blocks).reshape(-1)]
         self.current = (self.weight, self.bias)
         self._stats = None
+        self._logit_sd = None
 
     @property
     def num_classes(self) -> int:
@@ -94,7 +99,22 @@ class LinearHead(Head):
 
     def scores(self, h: np.ndarray) -> np.ndarray:
         W, b = self.current
-        return np.asarray(h, np.float32) @ W.T + b
+        out = np.asarray(h, np.float32) @ W.T + b
+        if self.offset:
+            cols = [j for j, c in enumerate(self.view.state.classes) if c.base is None]
+            if cols:  # the enrolled classes, learned from a few frames, calibrated against the engine's
+                out[..., cols] += np.float32(self.offset * self.logit_sd())
+        return out
+
+    def logit_sd(self) -> float:
+        """The standard deviation of the engine head's logits over draws from its classes' Gaussians
+        (8 per class, seeded): the unit of the enrolled classes' offset (computed once)."""
+        if self._logit_sd is None:
+            base = self.base_statistics()
+            rng = np.random.default_rng(self.spec.seed if self.spec else 0)
+            x = base.draw(np.repeat(base.seen(), 8), rng)
+            self._logit_sd = float(np.std(x @ self.weight.T + self.bias))
+        return self._logit_sd
 
     def base_statistics(self) -> ClassStats:
         """The engine classes' Gaussians (read once)."""
