@@ -160,6 +160,8 @@ def main(argv=None) -> int:
         if (init, borrow, draws) == default:  # the offset of the enrolled logits, chosen on select
             lin.offset = 0.0
             logits = {name: heads.logits({"main": F})["main"] for name, (F, _y) in evals.items()}
+            report({"method": "the default without the offset", "offset_sd": 0.0, "ms_per_class": row["ms_per_class"],
+                    **{name: accuracy(logits[name], y, y >= old) for name, (_F, y) in evals.items()}})
             sd = lin.logit_sd()
             grid = np.arange(-2, 4.01, 0.125)
             y = evals["select"][1]
