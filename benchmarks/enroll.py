@@ -92,6 +92,15 @@ def accuracy(scores: np.ndarray, labels: np.ndarray, new_mask: np.ndarray) -> di
             "hmean": round(float(2 * old * new / max(old + new, 1e-9)), 2)}
 
 
+def tune_on_select(scores, grid, evals: dict, old: int) -> tuple:
+    """(the value of ``grid`` whose ``scores("select", value)`` has the best harmonic mean of new and
+    old accuracy (the first of equals), {evaluation set: accuracy at that value}); classes from
+    ``old`` on are new."""
+    y = evals["select"][1]
+    best = float(max(grid, key=lambda v: accuracy(scores("select", v), y, y >= old)["hmean"]))
+    return best, {name: accuracy(scores(name, best), labels, labels >= old) for name, (_F, labels) in evals.items()}
+
+
 def imprint(head, rows_by_class: list, evals: dict, center: bool = False, tune: bool = False) -> dict:
     """Prototype imprinting: each new class's mean row as a column (normalised, Coral-style) beside
     the engine's ridge columns. ``center``: means taken after removing the mean h of the engine's
@@ -112,15 +121,8 @@ def imprint(head, rows_by_class: list, evals: dict, center: bool = False, tune: 
     def scores(name, mult):
         return np.concatenate([Hs[name] @ W2[:, :k], (Hs[name] - mu) @ W2[:, k:] * mult], 1)
 
-    mult = 1.0
-    if tune:
-        grid = 2.0 ** np.arange(-12, 4.01, 0.5)
-        y = evals["select"][1]
-        mult = float(max(grid, key=lambda m: accuracy(scores("select", m), y, y >= k)["hmean"]))
-    out = {"ms_per_class": round(ms, 1), "scale": mult}
-    for name, (_F, y) in evals.items():
-        out[name] = accuracy(scores(name, mult), y, y >= k)
-    return out
+    mult, accs = tune_on_select(scores, 2.0 ** np.arange(-12, 4.01, 0.5) if tune else [1.0], evals, k)
+    return {"ms_per_class": round(ms, 1), "scale": mult, **accs}
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,15 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import markdown_table, parser, write_results
-from benchmarks.enroll import accuracy, cached, evaluation_sets, features, list_images, load_frames
+from benchmarks.enroll import (
+    accuracy,
+    cached,
+    evaluation_sets,
+    features,
+    list_images,
+    load_frames,
+    tune_on_select,
+)
 
 PROG = "python -m benchmarks enroll_linear"
 
@@ -61,15 +69,8 @@ def imprint_rows(head, rows_by_class: list, evals: dict, old: int, center: bool,
         F = evals[name][0]
         return np.concatenate([F @ W.T + b, (F @ W_new.T + b_new) * mult], 1)
 
-    mult = 1.0
-    if tune:
-        grid = 2.0 ** np.arange(-6, 4.01, 0.25)
-        y = evals["select"][1]
-        mult = float(max(grid, key=lambda m: accuracy(scores("select", m), y, y >= old)["hmean"]))
-    out = {"ms_per_class": round(ms, 2), "scale": mult}
-    for name, (_F, y) in evals.items():
-        out[name] = accuracy(scores(name, mult), y, y >= old)
-    return out
+    mult, accs = tune_on_select(scores, 2.0 ** np.arange(-6, 4.01, 0.25) if tune else [1.0], evals, old)
+    return {"ms_per_class": round(ms, 2), "scale": mult, **accs}
 
 
 def main(argv=None) -> int:
@@ -163,18 +164,14 @@ def main(argv=None) -> int:
             report({"method": "the default without the offset", "offset_sd": 0.0, "ms_per_class": row["ms_per_class"],
                     **{name: accuracy(logits[name], y, y >= old) for name, (_F, y) in evals.items()}})
             sd = lin.logit_sd()
-            grid = np.arange(-2, 4.01, 0.125)
-            y = evals["select"][1]
 
             def shifted(name, k, logits=logits, sd=sd):
                 out = logits[name].copy()
                 out[:, old:] += k * sd
                 return out
-            k = float(max(grid, key=lambda k: accuracy(shifted("select", k), y, y >= old)["hmean"]))
+            k, accs = tune_on_select(shifted, np.arange(-2, 4.01, 0.125), evals, old)
             row = {"method": f"the default with the offset best on select ({k:g} sd; the default's is "
-                             f"{LinearHead.offset:g})", "offset_sd": k, "ms_per_class": row["ms_per_class"]}
-            for name, (_F, y) in evals.items():
-                row[name] = accuracy(shifted(name, k), y, y >= old)
+                             f"{LinearHead.offset:g})", "offset_sd": k, "ms_per_class": row["ms_per_class"], **accs}
             report(row)
     shutil.rmtree(store_tmp, ignore_errors=True)
 

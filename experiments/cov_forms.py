@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -64,38 +63,22 @@ def main(argv=None) -> int:
 
     import torch
 
-    from edgecl.config import parse_set, resolve_config
-    from edgecl.data import build_scenario, load_dataset, load_imagefolder
-    from edgecl.learners.base import run_sessions, to_incremental
-    from edgecl.train import build_learner, seed_everything
-    from experiments.safe_select import build_heldout
+    from edgecl.learners.base import run_sessions
+    from edgecl.train import build_learner
+    from experiments.safe_select import heldout_and_val, quick_setup
 
-    overrides = parse_set(args.sets)
-    overrides.setdefault("data", {})["root"] = args.data
-    overrides["seed"] = args.seed
-    overrides.setdefault("slca", {})["cov_form"] = "full"
-    cfg = resolve_config(args.method, "quick", None, overrides)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.seed)
     start = time.perf_counter()
-    train_set, val_set = load_dataset(cfg.data, progress=False)
-    scenario = build_scenario(len(train_set.class_names), cfg.data.split, cfg.seed, cfg.data.num_classes)
+    cfg, train_set, val_set, scenario = quick_setup(args.method, args.data, args.seed, args.sets,
+                                                    slca={"cov_form": "full"})
     learner = build_learner(cfg)
     metrics = run_sessions(learner, train_set, val_set, scenario, progress=False)["main"].summary()
     train_s = time.perf_counter() - start
     print(f"{args.method} (full covariances): A_last {metrics['A_last']:.2f} A_avg {metrics['A_avg']:.2f} "
           f"({train_s:.0f} s)", file=sys.stderr, flush=True)
 
-    label_map = scenario.label_map(len(train_set.class_names))
     # held-out training images (the last --heldout-per-class of each class, never read by the quick
     # protocol): the form is chosen on them; val is reported beside, not used to choose
-    heldout_dir = build_heldout(Path(args.data) / "train", Path(args.out) / "heldout", args.heldout_per_class,
-                                skip=cfg.data.train_per_class or 0)
-    heldout = load_imagefolder(heldout_dir, size=cfg.data.input_size, progress=False)
-    if heldout.class_names != train_set.class_names:
-        raise SystemExit(f"{heldout_dir}: its classes differ from the training data's")
-    sets = {"heldout": to_incremental(heldout, label_map), "val": to_incremental(val_set, label_map)}
+    sets = heldout_and_val(cfg, args.data, args.out, args.heldout_per_class, train_set, val_set, scenario)
     feats = {name: learner.features(learner.model, f"model-{name}", s).to(learner.device) for name, s in sets.items()}
     last = len(scenario.sessions) - 1
     rows = []

@@ -66,6 +66,45 @@ def build_heldout(train_dir: Path, out: Path, per_class: int, skip: int) -> Path
     return out
 
 
+def quick_setup(method: str, data: str, seed: int, sets: list, slca: dict | None = None) -> tuple:
+    """(config, train set, val set, scenario) of one quick-protocol run of ``method`` on ``data``
+    (``--set`` overrides ``sets``, then ``slca`` over the slca section), torch threads set and
+    every generator seeded, as ``edgecl train --profile quick`` starts."""
+    import torch
+
+    from edgecl.config import parse_set, resolve_config
+    from edgecl.data import build_scenario, load_dataset
+    from edgecl.train import seed_everything
+
+    overrides = parse_set(sets)
+    overrides.setdefault("data", {})["root"] = data
+    overrides["seed"] = seed
+    overrides.setdefault("slca", {}).update(slca or {})
+    cfg = resolve_config(method, "quick", None, overrides)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    train_set, val_set = load_dataset(cfg.data, progress=False)
+    scenario = build_scenario(len(train_set.class_names), cfg.data.split, cfg.seed, cfg.data.num_classes)
+    return cfg, train_set, val_set, scenario
+
+
+def heldout_and_val(cfg, data: str, out, per_class: int, train_set, val_set, scenario) -> dict:
+    """{"heldout": the last ``per_class`` training images of every class (beyond the ones the
+    protocol trains on; :func:`build_heldout` under OUT/heldout), "val": the val images}, both
+    with the scenario's incremental labels."""
+    from edgecl.data import load_imagefolder
+    from edgecl.learners.base import to_incremental
+
+    heldout_dir = build_heldout(Path(data) / "train", Path(out) / "heldout", per_class,
+                                skip=cfg.data.train_per_class or 0)
+    heldout = load_imagefolder(heldout_dir, size=cfg.data.input_size, progress=False)
+    if heldout.class_names != train_set.class_names:
+        raise SystemExit(f"{heldout_dir}: its classes differ from the training data's")
+    label_map = scenario.label_map(len(train_set.class_names))
+    return {"heldout": to_incremental(heldout, label_map), "val": to_incremental(val_set, label_map)}
+
+
 def _is_image(name: str) -> bool:
     """An image file name as edgecl's ImageFolder loader counts one: a known extension in any
     case, not hidden."""

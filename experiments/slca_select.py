@@ -99,29 +99,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from edgecl.config import parse_set, resolve_config
-    from edgecl.data import build_scenario, load_dataset, load_imagefolder
     from edgecl.learners.base import to_incremental
-    from edgecl.train import build_learner, seed_everything
-    from experiments.safe_select import build_heldout
+    from edgecl.train import build_learner
+    from experiments.safe_select import heldout_and_val, quick_setup
 
-    overrides = parse_set(args.sets)
-    overrides.setdefault("data", {})["root"] = args.data
-    overrides["seed"] = args.seed
-    cfg = resolve_config(args.method, "quick", None, overrides)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.seed)
     start = time.perf_counter()
-    train_set, val_set = load_dataset(cfg.data, progress=False)
-    scenario = build_scenario(len(train_set.class_names), cfg.data.split, cfg.seed, cfg.data.num_classes)
+    cfg, train_set, val_set, scenario = quick_setup(args.method, args.data, args.seed, args.sets)
     label_map = scenario.label_map(len(train_set.class_names))
-    heldout_dir = build_heldout(Path(args.data) / "train", Path(args.out) / "heldout", args.heldout_per_class,
-                                skip=cfg.data.train_per_class or 0)
-    heldout = load_imagefolder(heldout_dir, size=cfg.data.input_size, progress=False)
-    if heldout.class_names != train_set.class_names:
-        raise SystemExit(f"{heldout_dir}: its classes differ from the training data's")
-    sets = {"heldout": to_incremental(heldout, label_map), "val": to_incremental(val_set, label_map)}
+    sets = heldout_and_val(cfg, args.data, args.out, args.heldout_per_class, train_set, val_set, scenario)
     learner = build_learner(cfg)
     learner.progress = False
     own = {"mean_scale": cfg.slca.ca_mean_scale, "fc_scale_mu": cfg.slca.fc_scale_mu}
