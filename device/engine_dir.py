@@ -3,13 +3,15 @@
 Layout (``manifest.json``, an :class:`edgecl.core.formats.EngineManifest`, binds everything by
 sha256)::
 
-    manifest.json          format "edgecl-engine", version, input contract, learners, models
+    manifest.json          format "edgecl-engine", version, input contract, learners (SLCA family: the
+                           classifier alignment the head was trained with), models
     model.fp32.onnx        the graph: uint8 NHWC frame (BGR) -> features_<learner> per learner
     model.int8.qdq.onnx    (int8) ONNX Runtime static-quantized QDQ graph
     heads.safetensors      per learner "<learner>.<kind>.<tensor>": ranpac.W / ranpac.W_rand,
-                           prototypes.sums / prototypes.counts, or linear.weight / linear.bias
+                           prototypes.sums / prototypes.counts, or linear.weight / linear.bias /
+                           linear.blocks and stage1.* (the heads before alignment)
     stats.safetensors      per learner "<learner>.<kind>.<tensor>": ranpac.G / ranpac.Q / ranpac.counts
-                           (enrollment); SLCA family: classstats.*
+                           (enrollment); SLCA family: classstats.* (each class's Gaussian)
     openset.safetensors    held-out training images' features per learner ("features.<learner>", float16)
                            and engine classes ("labels"): the unknown threshold (edgecl.device.openset)
     classes.json           class names in logit order

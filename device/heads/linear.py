@@ -10,10 +10,14 @@ Enrollment re-runs SLCA's classifier alignment (Sec. 4.2) as training runs it af
 (:mod:`edgecl.core.alignment`, numpy): the enrolled classes' statistics come from their rows (the
 store keeps the rows, so the statistics are exact and follow every commit, rename, removal, merge
 and rollback), and the enrolled classes form one more session. The alignment starts from the
-stage-1 heads of the engine's classes and, for each enrolled class, a row drawn from N(0, 0.02^2)
-with zero bias (the authors' initialisation of a new head: the device trains no stage 1), draws
-``samples_per_class`` features per class per epoch batch by batch, and runs the configured SGD.
-Removing a class drops its row (the other logits do not change); renaming is a label.
+stage-1 heads of the engine's classes, draws ``samples_per_class`` features per class per epoch
+batch by batch, and runs the configured SGD. Three choices, made on held-out training images
+(docs/DEVICE.md, "Enrolling into an SLCA-family engine"): the device trains no stage 1, so an
+enrolled class starts from its imprinted row (``init``; the authors' new head, N(0, 0.02^2), is
+the other option); with a few frames its scatter is narrow, so it pools its nearest engine
+class's scatter (``borrow``); its logits are offset by ``offset`` standard deviations of the
+engine's logits. Removing a class drops its row (the other logits do not change); renaming is a
+label.
 """
 
 from __future__ import annotations
@@ -190,8 +194,9 @@ class LinearHead(Head):
         W *= head_scales(sessions[order], last, spec.fc_scale_mu)[:, None].astype(np.float32)
         inverse = np.argsort(order)
         self.current = (W[inverse], b[inverse])
-        self.last_update = {"aligned_classes": len(order), "draws": len(order) * spec.samples_per_class * spec.epochs,
-                               "losses": [round(x, 4) for x in losses]}
+        self.last_update = {"aligned_classes": len(order),
+                            "draws": len(order) * spec.samples_per_class * spec.epochs,
+                            "losses": [round(x, 4) for x in losses]}
 
     def _initial_row(self, mean: np.ndarray, base, stage1_w: np.ndarray, stage1_b: np.ndarray, rng) -> tuple:
         """(row, bias) an enrolled class starts the alignment from: ``normal``, N(0, 0.02^2) and 0
