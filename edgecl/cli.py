@@ -251,8 +251,9 @@ _STORE = click.option("--store", type=click.Path(file_okay=False),
 def enroll(engine_dir, name, images, source, frames, renames, removes, list_classes, views, weighting, backend, store):
     """Enroll a new class on the device from images or camera frames (and rename/remove classes).
 
-    The heads are updated in closed form (rank-k update of G and Q, each class's target column
-    normalised by its count) and the store commits a new generation all-or-nothing."""
+    RanPAC/SAFE heads are updated in closed form (rank-k update of G and Q, each class's target
+    column normalised by its count), an SLCA-family linear head by re-running its classifier
+    alignment over the class statistics; the store commits a new generation all-or-nothing."""
     require_all(DEVICE, "edgecl enroll")
     from .device.runtime import Runtime
 
