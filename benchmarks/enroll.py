@@ -68,6 +68,24 @@ def cached(cache: Path, key: str, fn):
     return arr
 
 
+def unseen_setup(engine: str, root: Path, cache: Path, prefix: str) -> tuple:
+    """What the enrollment suites start from: (the engine's manifest, its model's sha256 (the
+    feature caches' key), a quiet ONNX Runtime probe on a temporary store, the engine's classes,
+    the classes of ``root``/train it never saw, the temporary folder (named ``prefix``...) the
+    stores go in). Makes ``cache`` and prints the line naming the unseen classes."""
+    from edgecl.device.engine_dir import read_manifest
+    from edgecl.device.runtime import Runtime
+
+    cache.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(engine)
+    store_tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    rt = Runtime(engine, "ort-cpu", store=store_tmp / "probe", log=lambda m: None)
+    old_names = list(rt.classes)
+    new_names = [n for n in sorted(p.name for p in (root / "train").iterdir() if p.is_dir()) if n not in old_names]
+    print(f"engine: {len(old_names)} classes; enrolling {len(new_names)} unseen: {', '.join(new_names)}", flush=True)
+    return manifest, manifest.files["model.fp32.onnx"], rt, old_names, new_names, store_tmp
+
+
 def evaluation_sets(rt, root: Path, order: list, sha: str, cache: Path) -> dict:
     """{"select": (features, labels), "val": ...} over the classes in ``order`` (labels = positions):
     select = train images 300-349 of each class, val = its val/ folder; cached by the model's sha."""
@@ -135,22 +153,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/enroll", help="Folder for table.md and results.json.")
     args = ap.parse_args(argv)
 
-    from edgecl.device.engine_dir import read_manifest
     from edgecl.device.enroll import ClassHeads, augment_views
-    from edgecl.device.runtime import Runtime
 
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    root = Path(args.data)
-    manifest = read_manifest(args.engine)
-    sha = manifest.files["model.fp32.onnx"]
-    store_tmp = Path(tempfile.mkdtemp(prefix="enroll-bench-"))
-    rt = Runtime(args.engine, "ort-cpu", store=store_tmp / "probe", log=lambda m: None)
-    size, old_names = rt.size, list(rt.classes)
-    all_names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    new_names = [n for n in all_names if n not in old_names]
-    order = old_names + new_names
-    print(f"engine: {len(old_names)} classes; enrolling {len(new_names)} unseen: {', '.join(new_names)}")
+    cache, root = Path(args.cache), Path(args.data)
+    manifest, sha, rt, old_names, new_names, store_tmp = unseen_setup(args.engine, root, cache, "enroll-bench-")
+    size, order = rt.size, old_names + new_names
 
     t0 = time.perf_counter()
     evals = evaluation_sets(rt, root, order, sha, cache)

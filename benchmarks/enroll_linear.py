@@ -31,7 +31,6 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from benchmarks.enroll import (
     list_images,
     load_frames,
     tune_on_select,
+    unseen_setup,
 )
 
 PROG = "python -m benchmarks enroll_linear"
@@ -85,28 +85,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/enroll-linear")
     args = ap.parse_args(argv)
 
-    from edgecl.device.engine_dir import read_manifest
     from edgecl.device.enroll import DEFAULT_VIEWS, ClassHeads, augment_views, view_rows
-    from edgecl.device.runtime import Runtime
 
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    root = Path(args.data)
-    manifest = read_manifest(args.engine)
-    sha = manifest.files["model.fp32.onnx"]
-    store_tmp = Path(tempfile.mkdtemp(prefix="enroll-linear-"))
+    cache, root = Path(args.cache), Path(args.data)
+    manifest, sha, rt, old_names, new_names, store_tmp = unseen_setup(args.engine, root, cache, "enroll-linear-")
     quiet = lambda m: None  # noqa: E731
-    rt = Runtime(args.engine, "ort-cpu", store=store_tmp / "probe", log=quiet)
     head = rt.heads.heads["main"]
     if getattr(head, "spec", None) is None:  # the linear head's recorded alignment
         raise SystemExit(f"{args.engine}: not an SLCA-family engine with its alignment (RanPAC engines: "
                          f"python -m benchmarks enroll)")
-    old_names = list(rt.classes)
-    all_names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    new_names = [n for n in all_names if n not in old_names]
-    order = old_names + new_names
-    old = len(old_names)
-    print(f"engine: {old} classes; enrolling {len(new_names)} unseen: {', '.join(new_names)}", flush=True)
+    order, old = old_names + new_names, len(old_names)
     t0 = time.perf_counter()
     evals = evaluation_sets(rt, root, order, sha, cache)
     rows = {}

@@ -183,6 +183,14 @@ def test_enrolled_classes_logits_are_offset_by_the_configured_spreads(linear_eng
     assert sd > 0 and LinearHead.offset > 0
     np.testing.assert_allclose(with_offset[:, 6] - without[:, 6], LinearHead.offset * sd, rtol=1e-5)
     np.testing.assert_array_equal(with_offset[:, :6], without[:, :6])  # the engine's classes untouched
+    monkeypatch.setattr(head, "offset", LinearHead.offset)
+    rt.enroll_frames("two", class_frames(7, 10, seed=9))
+    rt.heads.remove("new")  # the columns follow: "two" is now column 6, an engine class column 5
+    with_offset = rt.classify(x)["scores"]
+    monkeypatch.setattr(head, "offset", 0.0)
+    without = rt.classify(x)["scores"]
+    np.testing.assert_allclose(with_offset[:, 6] - without[:, 6], LinearHead.offset * sd, rtol=1e-5)
+    np.testing.assert_array_equal(with_offset[:, :6], without[:, :6])
 
 
 def test_bench_reports_the_alignment_of_an_enrollment(linear_engine):

@@ -59,6 +59,7 @@ class LinearHead(Head):
         self.current = (self.weight, self.bias)
         self._stats = None
         self._logit_sd = None
+        self._enrolled_cols = None  # computed from the store state by _enrolled_columns
 
     @property
     def num_classes(self) -> int:
@@ -104,11 +105,17 @@ class LinearHead(Head):
     def scores(self, h: np.ndarray) -> np.ndarray:
         W, b = self.current
         out = np.asarray(h, np.float32) @ W.T + b
-        if self.offset:
-            cols = [j for j, c in enumerate(self.view.state.classes) if c.base is None]
-            if cols:  # the enrolled classes, learned from a few frames, calibrated against the engine's
-                out[..., cols] += np.float32(self.offset * self.logit_sd())
+        cols = self._enrolled_columns()
+        if self.offset and len(cols):  # the enrolled classes, learned from a few frames, against the engine's
+            out[..., cols] += np.float32(self.offset * self.logit_sd())
         return out
+
+    def _enrolled_columns(self) -> np.ndarray:
+        """The enrolled classes' logit columns (kept until the classes change: enroll, remove)."""
+        if self._enrolled_cols is None:
+            self._enrolled_cols = np.asarray([j for j, c in enumerate(self.view.state.classes) if c.base is None],
+                                             np.int64)
+        return self._enrolled_cols
 
     def logit_sd(self) -> float:
         """The standard deviation of the engine head's logits over draws from its classes' Gaussians
@@ -145,11 +152,13 @@ class LinearHead(Head):
         """Nothing yet: the alignment runs in :meth:`settle`, once the rows are in the state."""
 
     def settle(self) -> None:
+        self._enrolled_cols = None
         self.realign()
 
     def remove(self, j: int, entry, rows: np.ndarray) -> None:
         W, b = self.current
         self.current = (np.delete(W, j, axis=0), np.delete(b, j))
+        self._enrolled_cols = None  # the state drops class j next
 
     def realign(self) -> None:
         """Classifier alignment over the store's current classes (see the module docstring)."""

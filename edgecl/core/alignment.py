@@ -30,8 +30,7 @@ import numpy as np
 
 from .formats import AlignmentSpec
 
-__all__ = ["AlignmentSpec", "adjust_draws", "align", "draw_epochs", "head_scales", "mean_factors",
-           "normalized_logits", "sessions_of"]
+__all__ = ["AlignmentSpec", "adjust_draws", "align", "draw_epochs", "head_scales", "mean_factors", "sessions_of"]
 
 EPS = 1e-7  # added to every norm of the logit normalisation (the authors' code)
 
@@ -66,33 +65,24 @@ def adjust_draws(x: np.ndarray, y: np.ndarray, means: np.ndarray, sessions: np.n
     return x
 
 
-def normalized_logits(logits: np.ndarray, tau: float, blocks=None) -> tuple:
-    """(z, norm): z = l / (tau norm), norm the global ||l|| + eps, or (``blocks``) the mean of the
-    session blocks' norms (+ eps each); z = l when ``tau`` is 0."""
+def _normalize(logits: np.ndarray, tau: float, blocks=None) -> tuple:
+    """(z, norm, dnorm): z = l / (tau norm), norm the global ||l|| + eps, or (``blocks``) the mean
+    of the session blocks' norms (+ eps each), and dnorm = d norm / d l (the backward pass reads
+    it; the block norms are computed once); z = l and no norm when ``tau`` is 0."""
     if tau <= 0:
-        return logits, None
-    if blocks is None:
-        norm = np.linalg.norm(logits, axis=1, keepdims=True) + EPS
-    else:
-        parts = np.split(logits, np.cumsum(blocks)[:-1], axis=1)
-        norm = np.mean([np.linalg.norm(p, axis=1) + EPS for p in parts], axis=0)[:, None]
-    return logits / (tau * norm), norm
+        return logits, None, None
+    parts = [logits] if blocks is None else np.split(logits, np.cumsum(blocks)[:-1], axis=1)
+    raw = [np.linalg.norm(p, axis=1, keepdims=True) for p in parts]
+    norm = np.mean(raw, axis=0) + EPS
+    dnorm = np.concatenate([p / np.where(r > 0, r, np.inf) for p, r in zip(parts, raw)], axis=1) / len(parts)
+    return logits / (tau * norm), norm, dnorm
 
 
-def _grad_logits(logits: np.ndarray, g: np.ndarray, norm, tau: float, blocks) -> np.ndarray:
-    """dL/dl from dL/dz through z = l / (tau norm(l))."""
+def _grad_logits(logits: np.ndarray, g: np.ndarray, norm, dnorm, tau: float) -> np.ndarray:
+    """dL/dl from dL/dz through z = l / (tau norm(l)): g / (tau N) - (sum_j g_j l_j) / (tau N^2) dN/dl."""
     if norm is None:
         return g
-    inner = np.sum(g * logits, axis=1, keepdims=True) / (tau * norm ** 2)  # sum_j g_j l_j / (tau N^2)
-    if blocks is None:
-        raw = norm - EPS
-        dnorm = logits / np.where(raw > 0, raw, np.inf)
-    else:
-        cuts = np.cumsum(blocks)[:-1]
-        raw = [np.linalg.norm(p, axis=1, keepdims=True) for p in np.split(logits, cuts, axis=1)]
-        dnorm = np.concatenate([p / np.where(r > 0, r, np.inf) for p, r in
-                                zip(np.split(logits, cuts, axis=1), raw)], axis=1) / len(blocks)
-    return g / (tau * norm) - inner * dnorm
+    return g / (tau * norm) - np.sum(g * logits, axis=1, keepdims=True) / (tau * norm ** 2) * dnorm
 
 
 def align(weight: np.ndarray, bias: np.ndarray, blocks, epochs: Iterable, spec: AlignmentSpec) -> tuple:
@@ -113,7 +103,7 @@ def align(weight: np.ndarray, bias: np.ndarray, blocks, epochs: Iterable, spec: 
             x = np.asarray(x, np.float32)
             y = np.asarray(y, np.int64)
             logits = x @ W.T + b
-            z, norm = normalized_logits(logits, spec.tau, blk)
+            z, norm, dnorm = _normalize(logits, spec.tau, blk)
             z = z - z.max(1, keepdims=True)
             p = np.exp(z)
             p /= p.sum(1, keepdims=True)
@@ -123,7 +113,7 @@ def align(weight: np.ndarray, bias: np.ndarray, blocks, epochs: Iterable, spec: 
             g = p
             g[np.arange(n), y] -= 1.0
             g /= n
-            gl = _grad_logits(logits, g, norm, spec.tau, blk).astype(np.float32)
+            gl = _grad_logits(logits, g, norm, dnorm, spec.tau).astype(np.float32)
             gW = gl.T @ x + np.float32(spec.weight_decay) * W
             gb = gl.sum(0) + np.float32(spec.weight_decay) * b
             if bufs is None:
