@@ -34,19 +34,25 @@ def cross_correlation(f_ptm: torch.Tensor, f_slow: torch.Tensor, norm: str = "ba
 
 
 def transfer_loss(f_ptm: torch.Tensor, f_slow: torch.Tensor, lambda_diag: float, lambda_rdn: float,
-                  norm: str = "batch") -> dict:
+                  norm: str = "batch", reduction: str = "mean") -> dict:
     """SAFE Eq. 2-3, the slow learner's transfer loss from the frozen PTM:
 
     L_diag = 1/d sum_i (1 - M_ii)^2            (keep each PTM feature: diagonal -> 1)
     L_rdn  = 1/(d(d-1)) sum_{i != j} M_ij^2     (reduce redundancy: off-diagonal -> 0)
 
-    Returns the weighted terms ``{"diag": lambda_diag L_diag, "rdn": lambda_rdn L_rdn}``.
+    ``reduction="sum"`` drops the 1/d and 1/(d(d-1)) (the authors' code sums both terms, so
+    their weights, e.g. 0.01 / 10 for ImageNet-A, are meant for sums). Returns the weighted
+    terms ``{"diag": lambda_diag L_diag, "rdn": lambda_rdn L_rdn}``.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"unknown reduction {reduction!r}")
     M = cross_correlation(f_ptm.float(), f_slow.float(), norm)
     d = M.shape[0]
     diag = torch.diagonal(M)
-    l_diag = ((1 - diag) ** 2).mean()
-    l_rdn = (M.pow(2).sum() - diag.pow(2).sum()) / (d * (d - 1))
+    l_diag = ((1 - diag) ** 2).sum()
+    l_rdn = M.pow(2).sum() - diag.pow(2).sum()
+    if reduction == "mean":
+        l_diag, l_rdn = l_diag / d, l_rdn / (d * (d - 1))
     return {"diag": lambda_diag * l_diag, "rdn": lambda_rdn * l_rdn}
 
 

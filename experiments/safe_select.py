@@ -41,12 +41,20 @@ from benchmarks.common import markdown_table, parser, read_manifest, run_quick, 
 
 PROG = "python -m experiments.safe_select"
 
+_BATCH_MEAN = "safe.transfer_norm=batch,safe.transfer_reduction=mean,safe.fast_epochs=0"
+_SAMPLE_SUM = "safe.transfer_norm=sample,safe.transfer_reduction=sum,safe.fast_epochs=0"
+# the transfer-loss grid (issue 16): two normalisations, each over three orders of magnitude of
+# the weights; "sample sum 0.01 10" is the authors' ImageNet-A setting (args/imageneta_publish.csv)
 DEFAULT_CANDIDATES = [
-    "no transfer loss:safe.lambda_diag=0,safe.lambda_rdn=0,safe.fast_epochs=0",
-    "diag 1 rdn 5:safe.lambda_diag=1,safe.lambda_rdn=5,safe.fast_epochs=0",
-    "diag 1 rdn 0.5:safe.lambda_diag=1,safe.lambda_rdn=0.5,safe.fast_epochs=0",
-    "diag 0.1 rdn 0.5:safe.lambda_diag=0.1,safe.lambda_rdn=0.5,safe.fast_epochs=0",
+    f"batch mean 0.01 0.05:safe.lambda_diag=0.01,safe.lambda_rdn=0.05,{_BATCH_MEAN}",
+    f"batch mean 0.1 0.5:safe.lambda_diag=0.1,safe.lambda_rdn=0.5,{_BATCH_MEAN}",
+    f"batch mean 1 5:safe.lambda_diag=1,safe.lambda_rdn=5,{_BATCH_MEAN}",
+    f"sample sum 0.001 1:safe.lambda_diag=0.001,safe.lambda_rdn=1,{_SAMPLE_SUM}",
+    f"sample sum 0.01 10:safe.lambda_diag=0.01,safe.lambda_rdn=10,{_SAMPLE_SUM}",
+    f"sample sum 0.1 100:safe.lambda_diag=0.1,safe.lambda_rdn=100,{_SAMPLE_SUM}",
 ]
+# for the record, not a candidate (a weight of zero is RanPAC's first session, not SAFE)
+REFERENCE = "no transfer loss:safe.lambda_diag=0,safe.lambda_rdn=0,safe.fast_epochs=0"
 
 
 def build_heldout(train_dir: Path, out: Path, per_class: int, skip: int) -> Path:
@@ -193,6 +201,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-bundle", metavar="DIR",
                     help="sweep an existing SAFE bundle trained on this held-out protocol (e.g. OUT/cos_15) "
                          "instead of training one with --gamma-sweep")
+    ap.add_argument("--only", nargs="+", type=int, metavar="I",
+                    help="run only these default candidates (0-based; several processes can share --out)")
+    ap.add_argument("--reference", action="store_true", help="also run the no-transfer-loss reference")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="added to every candidate (e.g. train.threads=1; not part of the recipe)")
     ap.add_argument("--out", default="runs/safe-select")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -217,11 +230,12 @@ def main(argv=None) -> int:
                       json_name=f"{stem}.json")
         return 0
     rows = []
-    for spec in args.candidate or DEFAULT_CANDIDATES:
+    specs = args.candidate or [c for i, c in enumerate(DEFAULT_CANDIDATES) if args.only is None or i in args.only]
+    for spec in specs + ([REFERENCE] if args.reference else []):
         name, sets = spec.split(":", 1)
-        sets = sets.split(",") + [f"data.val_root={heldout}"]
+        sets = sets.split(",") + args.set + [f"data.val_root={heldout}"]
         m = run_quick("safe", args.seed, str(train_dir), out / name.replace(" ", "_"), sets, reuse=True)
-        rows.append({"name": name, "sets": sets[:-1],
+        rows.append({"name": name, "sets": sets[:-1 - len(args.set)],
                      **{k: {x: m[k][x] for x in ("A_last", "A_avg")} if k != "aggregate" else
                         {x: m[x] for x in ("A_last", "A_avg")}
                         for k in ("slow", "fast", "aggregate")}, "wall_s": m["wall_s"]})
