@@ -37,6 +37,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from edgecl.core.calibration import fit_temperature  # noqa: F401 (the device's T, same as training's)
 from edgecl.core.errors import EdgeclError
 
 from .heads.aggregate import softmax as _softmax
@@ -127,35 +128,6 @@ def mahalanobis(h: np.ndarray, means: np.ndarray, cov: CompactCovariance) -> np.
 
 
 # ----------------------------------------------------------------------------- calibration
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T minimising the negative log-likelihood of ``labels`` under softmax(z / T)
-    (Guo et al., 2017). NLL is convex in beta = 1 / T with derivative mean(E_p[z] - z_y), which
-    grows with beta: bisection on log beta to that derivative's zero."""
-    z = np.asarray(logits, np.float64)
-    y = np.asarray(labels, np.int64)
-    if len(z) == 0:
-        raise EdgeclError("no held-out images to fit the temperature on")
-    zy = z[np.arange(len(z)), y]
-    scale = float(z.std()) or 1.0
-
-    def grad(beta):
-        p = softmax(z, 1.0 / beta)
-        return float(((p * z).sum(1) - zy).mean())
-
-    lo, hi = math.log(1e-4 / scale), math.log(1e4 / scale)
-    if grad(math.exp(hi)) <= 0:  # separable: the likelihood grows without bound; the sharpest allowed
-        return float(1.0 / math.exp(hi))
-    if grad(math.exp(lo)) >= 0:
-        return float(1.0 / math.exp(lo))
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if grad(math.exp(mid)) < 0:
-            lo = mid
-        else:
-            hi = mid
-    return float(1.0 / math.exp((lo + hi) / 2))
-
 
 def _log_odds(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)

@@ -208,8 +208,8 @@ def export_bundle(bundle, out, precision: str = "fp32", calib_data: Optional[str
             parity["int8"] = parity_report(learner, tmp / "model.int8.qdq.onnx", imgs, heads, CHANNEL_ORDER, source,
                                            precision="int8")
         (tmp / "parity.json").write_text(json.dumps(parity, indent=2))
-        aggregation = (Aggregation(gamma=bm.learner.gamma, predict=bm.learner.inference) if len(learners) > 1
-                       else None)
+        aggregation = (Aggregation(gamma=bm.learner.gamma, predict=bm.learner.inference,
+                                   temperatures=dict(bm.learner.temperatures)) if len(learners) > 1 else None)
         open_set = open_set_calibration(tmp, bm, heads, aggregation, holdout_data, holdout_per_class, accept_rate,
                                         log) if holdout_per_class else None
         for p, rep in parity.items():

@@ -75,7 +75,8 @@ def test_safe_two_learners_aggregate_and_enroll(engines, tmp_path):
     assert res["weights"].shape == (60, 2) and np.allclose(res["weights"].sum(1), 1)
     feats = rt.backend.infer(x)
     logits = rt.heads.logits(feats)
-    np.testing.assert_allclose(res["scores"], aggregate(logits, rt.aggregation.gamma), rtol=1e-5, atol=1e-6)
+    want = aggregate(logits, rt.aggregation.gamma, temperatures=rt.aggregation.temperatures)
+    np.testing.assert_allclose(res["scores"], want, rtol=1e-5, atol=1e-6)
     rt.aggregation = dataclasses.replace(rt.aggregation, predict="fast")  # trained with safe.inference: fast
     np.testing.assert_allclose(rt.classify(x)["scores"], logits["fast"], rtol=1e-5, atol=1e-6)
     rt.aggregation = dataclasses.replace(rt.aggregation, predict="aggregate")

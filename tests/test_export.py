@@ -167,7 +167,10 @@ def test_engine_dir_eval_matches_bundle_and_parity(work, method):
     assert got["model"] == "model.fp32.onnx" and got["store_generation"] == 0
     assert abs(got["accuracy"] - ref["accuracy"]) <= 0.1
     if method == "safe":  # each learner alone too, and what the bundle predicts is recorded
-        assert manifest["aggregation"] == {"kind": "entropy", "gamma": 1.0, "predict": "aggregate"}
+        temps = json.loads((bundle / "manifest.json").read_text())["learner"]["temperatures"]
+        assert set(temps) == {"slow", "fast"} and all(t > 0 and t != 1.0 for t in temps.values())
+        assert manifest["aggregation"] == {"kind": "entropy", "gamma": 1.0, "predict": "aggregate",
+                                           "temperatures": temps}
         for n in names:
             assert abs(got[f"accuracy_{n}"] - ref[f"accuracy_{n}"]) <= 0.1
 

@@ -115,8 +115,9 @@ class LearnerFacts:
     learners: List[str] = field(default_factory=lambda: [SINGLE])
     num_seen: int = 0
     feature_dim: Optional[int] = None
-    gamma: float = 1.0  # SAFE's aggregation temperature
+    gamma: float = 1.0  # SAFE's aggregation sharpness
     inference: str = "aggregate"  # SAFE: what the method predicts (aggregate, slow or fast)
+    temperatures: Dict[str, float] = field(default_factory=dict)  # SAFE: each learner's logit temperature
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -317,6 +318,8 @@ class Aggregation:
     kind: str = "entropy"
     gamma: float = 1.0
     predict: str = "aggregate"
+    # per learner: its logits are divided by this before the entropy and the mix (absent: 1)
+    temperatures: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
