@@ -5,7 +5,9 @@
 Times a no-grad forward of ``--batch`` images and a PET training step (forward + backward)
 of ``--train-batch`` images, EfficientNet-Lite0 with SSF (the quick profile's model), in both
 memory formats, and prints the speed-up as a Markdown table (OUT/table.md, OUT/results.json).
-The learners run channels-last (``edgecl.learners.base.Learner.prepare``).
+The learners run channels-last (``edgecl.learners.base.Learner.prepare``). A last row times the
+channels-last forward with the SSF folded into the weights (``pet.fold_pet``): how SAFE's frozen
+slow learner runs after session 1 (``edgecl.learners.safe.SAFE.fold_slow``).
 """
 
 from __future__ import annotations
@@ -62,11 +64,23 @@ def main(argv=None) -> int:
         model.train()
         step = _time(lambda model=model, xbf=xbf: model(xbf).sum().backward(), args.repeats)
         out["channels_last" if fmt is torch.channels_last else "nchw"] = {"forward_s": fwd, "train_step_s": step}
+    import copy
+
+    from edgecl import pet as petlib
+
+    folded = copy.deepcopy(model).eval()
+    petlib.fold_pet(folded.model)
+    folded = folded.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out["channels_last_folded"] = {"forward_s": _time(lambda: folded(xf), args.repeats)}
     a, b = out["nchw"], out["channels_last"]
     rows = [[f"forward of {args.batch} images ({args.size} px, no grad)", f"{a['forward_s']:.2f}",
              f"{b['forward_s']:.2f}", f"{100 * (1 - b['forward_s'] / a['forward_s']):.0f} %"],
             [f"training step of {args.train_batch} (forward + backward)", f"{a['train_step_s']:.3f}",
-             f"{b['train_step_s']:.3f}", f"{100 * (1 - b['train_step_s'] / a['train_step_s']):.0f} %"]]
+             f"{b['train_step_s']:.3f}", f"{100 * (1 - b['train_step_s'] / a['train_step_s']):.0f} %"],
+            [f"forward of {args.batch}, SSF folded (channels-last)", f"{a['forward_s']:.2f}",
+             f"{out['channels_last_folded']['forward_s']:.2f}",
+             f"{100 * (1 - out['channels_last_folded']['forward_s'] / a['forward_s']):.0f} %"]]
     table = "\n".join(markdown_table(["measurement", "NCHW (s)", "channels-last (s)", "less time"], rows))
     write_results(args.out, table, {"size": args.size, "batch": args.batch, "train_batch": args.train_batch,
                                     "repeats": args.repeats, **out}, PROG, argv)

@@ -1,26 +1,29 @@
-r"""SAFE ablation on the quick protocol, mean and spread over seeds, as one table.
+r"""SAFE ablation on the quick protocol, mean and spread over seeds, as one table (issue 16).
 
     python -m benchmarks safe_ablation --data ../shared/data/tiny-imagenet-100 \
         --seeds 1993 1996 1997 --out runs/safe-ablation
 
 Rows (each A_last / A_avg, mean ± std over the seeds):
-  RanPAC                                edgecl train --method ranpac --profile quick
-  + slow learner (transfer loss)        SAFE's slow learner alone: RanPAC's first-session PET
-                                        trained with the transfer loss as configured (the quick
-                                        profile switches it off) and its own RanPAC head
-  + fast learner (CE only), aggregate   SAFE with safe.lambda_cc=0, safe.lambda_cos=0: a fast
-                                        learner trained with cross-entropy alone, aggregated
-  SAFE (entropy aggregate)              full SAFE: + cross-classification + feature alignment
-  SAFE: slow alone / fast alone         the two learners of the full SAFE run, each alone
-                                        (the aggregate should be at least the better of them)
-  variants (--variant)                  extra SAFE runs with config overrides (aggregate, and
-                                        fast alone), e.g.
-                                        --variant "no cross-classification:safe.lambda_cc=0"
-Slow-alone, fast-alone and aggregate come from the same run (metrics.json has all three).
-Prints the Markdown table and writes OUT/table.md and OUT/results.json (also written after every
-run, so partial results survive an interruption). Finished runs under --out are reused when
-their configuration matches (benchmarks.common.run_quick), so seeds can run in separate
-processes sharing one --out.
+  RanPAC                                  edgecl train --method ranpac --profile quick
+  + slow learner (transfer loss)          SAFE's slow learner alone: RanPAC's first-session PET
+                                          trained with the transfer loss and its own RanPAC head
+  + fast learner                          the entropy aggregate of slow and fast on their raw
+                                          logits, the fast head's statistics as accumulated
+                                          (SAFE as the paper has it, before issue 16)
+  + refreshed fast statistics             the same with G_f, Q_f corrected for the fast
+                                          learner's drift after every session (safe.refresh_fast)
+  + calibrated aggregation (= SAFE)       each learner's logits over its fitted temperature
+                                          before the entropy: what --method safe predicts
+  SAFE: slow / fast alone, fast stale     the learners of that run alone (the aggregate should
+                                          beat the better of them)
+  variants (--variant)                    extra SAFE runs with config overrides, e.g.
+                                          --variant "no cross-classification:safe.lambda_cc=0"
+Every SAFE row comes from one run per seed (``safe.keep_stale=true`` keeps the never-refreshed
+fast head beside the refreshed one; metrics.json has every predictor). Also prints the mean
+aggregation weight of the slow learner per session (metrics.json ``per_session``).
+Writes OUT/table.md and OUT/results.json (also after every run, so partial results survive an
+interruption). Finished runs under --out are reused when their configuration matches
+(benchmarks.common.run_quick), so seeds can run in separate processes sharing one --out.
 """
 
 from __future__ import annotations
@@ -39,34 +42,36 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--seeds", nargs="+", type=int, default=[1993, 1996, 1997])
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]")
-    ap.add_argument("--skip-ce-only", action="store_true", help="leave out the '+ fast learner (CE only)' runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="added to every run (e.g. train.threads=1)")
     ap.add_argument("--out", default="runs/safe-ablation")
     args = ap.parse_args(argv)
     out = Path(args.out)
 
     rows: dict = {}
+    weights: list = []
 
     def add(name, seed, m):
         rows.setdefault(name, {})[seed] = ({k: m[k] for k in ("A_last", "A_avg")}
                                            | {k: m.get(k) for k in ("wall_s", "learn_s")})
         write_json(out / "results.json", rows, PROG, argv)  # partial results survive an interruption
 
+    sets = args.set
     for seed in args.seeds:
-        m = run_quick("ranpac", seed, args.data, out / f"ranpac-s{seed}", reuse=True)
+        m = run_quick("ranpac", seed, args.data, out / f"ranpac-s{seed}", sets, reuse=True)
         add("RanPAC", seed, m)
-        m = run_quick("safe", seed, args.data, out / f"safe-s{seed}", reuse=True)
-        add("+ slow learner (transfer loss as configured), slow alone", seed, m["slow"] | {"wall_s": None})
-        if not args.skip_ce_only:
-            mc = run_quick("safe", seed, args.data, out / f"safe-ce-only-s{seed}",
-                           ["safe.lambda_cc=0", "safe.lambda_cos=0"], reuse=True)
-            add("+ fast learner (CE only), aggregate", seed, mc)
-        add("SAFE (entropy aggregate)", seed, m)
-        add("SAFE: slow alone", seed, m["slow"] | {"wall_s": None})
+        m = run_quick("safe", seed, args.data, out / f"safe-s{seed}", ["safe.keep_stale=true", *sets], reuse=True)
+        add("+ slow learner (transfer loss), slow alone", seed, m["slow"] | {"wall_s": None})
+        add("+ fast learner (raw logits, statistics as accumulated)", seed, m["aggregate_stale_raw"] | {"wall_s": None})
+        add("+ refreshed fast statistics", seed, m["aggregate_raw"] | {"wall_s": None})
+        add("+ calibrated aggregation (= SAFE)", seed, m)
         add("SAFE: fast alone", seed, m["fast"] | {"wall_s": None})
+        add("SAFE: fast alone, statistics as accumulated", seed, m["fast_stale"] | {"wall_s": None})
+        weights.append([seed] + [f"{r['w_slow']:.3f}" for r in m.get("per_session", [])])
         for spec in args.variant:
-            name, sets = spec.split(":", 1)
-            mv = run_quick("safe", seed, args.data, out / f"safe-{name.replace(' ', '_')}-s{seed}", sets.split(","),
-                           reuse=True)
+            name, vsets = spec.split(":", 1)
+            mv = run_quick("safe", seed, args.data, out / f"safe-{name.replace(' ', '_')}-s{seed}",
+                           [*vsets.split(","), *sets], reuse=True)
             add(f"SAFE, {name}", seed, mv)
             add(f"SAFE, {name}: fast alone", seed, mv["fast"] | {"wall_s": None})
         print(f"seed {seed} done", file=sys.stderr, flush=True)
@@ -83,5 +88,9 @@ def main(argv=None) -> int:
                            times("wall_s"), times("learn_s")])
     table = "\n".join(markdown_table(["variant", "A_last", "A_avg", "seeds", "wall time per run (s)",
                                       "of which learning (s)"], table_rows))
+    if weights:
+        n = max(len(w) for w in weights) - 1
+        table += "\n\nMean aggregation weight of the slow learner on the test images after each session:\n\n"
+        table += "\n".join(markdown_table(["seed", *(f"s{i + 1}" for i in range(n))], weights))
     write_results(out, table, rows, PROG, argv)
     return 0

@@ -119,11 +119,22 @@ class SAFEConfig:
     lambda_diag: float = 1.0  # transfer loss: weight of L_diag (PTM/slow correlation diagonal -> 1)
     lambda_rdn: float = 1.0  # transfer loss: weight of L_rdn (off-diagonal -> 0)
     transfer_norm: str = field(default="batch", metadata=_choices("batch", "sample"))  # paper: batch
+    # transfer terms averaged over the d (d(d-1)) entries, or summed as in the authors' code
+    transfer_reduction: str = field(default="mean", metadata=_choices("mean", "sum"))
     lambda_cc: float = 1.0  # weight of the cross-classification loss (fast learner)
     lambda_cos: float = 50.0  # weight of the feature-alignment loss 1 - cos(fast, slow), mean over the batch
     fast_epochs: int = 3  # fast-learner epochs in every session after the first
     fast_lr: float = 0.01  # fast PET learning rate
-    gamma: float = 1.0  # aggregation temperature: weights = softmax(-gamma [H_slow, H_fast])
+    gamma: float = 1.0  # aggregation sharpness: weights = softmax(-gamma [H_slow, H_fast])
+    # each learner's logits divided by a temperature before the entropy (and the mix): "fit" = by
+    # NLL on the RanPAC heads' held-out training rows, out of sample (issue 16); "none" = T = 1
+    temperature: str = field(default="fit", metadata=_choices("fit", "none"))
+    # after every fast session, correct the old classes' rows of G_f, Q_f for the fast learner's
+    # drift, from per-class Gaussians of fast features (edgecl.learners.drift)
+    refresh_fast: bool = True
+    refresh_rank: int = 16  # rank of each class's Gaussian (plus an isotropic residual)
+    refresh_draws: int = 64  # draws per old class and refresh
+    keep_stale: bool = False  # diagnostics: also keep the never-refreshed fast head (ablation rows)
     inference: str = field(default="aggregate", metadata=_choices("aggregate", "slow", "fast"))  # what "main" is
 
 

@@ -105,8 +105,9 @@ class RanPACHead:
         self.Q = torch.zeros(width, 0, dtype=torch.float64)
         self.G_hold = torch.zeros_like(self.G)
         self.Q_hold = torch.zeros_like(self.Q)
-        # samples per class (the device's enrollment balances by them)
+        # samples per class (the device's enrollment balances by them), and of them held out
         self.counts = torch.zeros(0, dtype=torch.float64)
+        self.counts_hold = torch.zeros(0, dtype=torch.float64)  # training only (not in the bundle)
         self.lam: Optional[float] = None
         self.W: Optional[torch.Tensor] = None
 
@@ -127,6 +128,7 @@ class RanPACHead:
             self.Q = torch.cat([self.Q, self.Q.new_zeros(self.Q.shape[0], pad)], dim=1)
             self.Q_hold = torch.cat([self.Q_hold, self.Q_hold.new_zeros(self.Q.shape[0], pad)], dim=1)
             self.counts = torch.cat([self.counts, self.counts.new_zeros(pad)])
+            self.counts_hold = torch.cat([self.counts_hold, self.counts_hold.new_zeros(pad)])
 
     def add(self, features: torch.Tensor, labels: torch.Tensor, holdout: Optional[torch.Tensor] = None,
             chunk: int = 2048, num_classes: int = 0, dist=SINGLE) -> None:
@@ -141,6 +143,7 @@ class RanPACHead:
         counts = torch.bincount(labels.cpu(), minlength=self.num_classes).double()
         if holdout is None:
             holdout = torch.zeros(len(labels), dtype=torch.bool)
+        counts_hold = torch.bincount(labels.cpu()[holdout.cpu()], minlength=self.num_classes).double()
         for start in range(0, len(labels), chunk):
             sl = slice(start, start + chunk)
             h = self.project(features[sl]).double().cpu()
@@ -152,12 +155,38 @@ class RanPACHead:
                 dG_hold += h[hold].T @ h[hold]
                 dQ_hold += h[hold].T @ y[hold]
         if dist.active:
-            dist.sum(dG, dQ, dG_hold, dQ_hold, counts)
+            dist.sum(dG, dQ, dG_hold, dQ_hold, counts, counts_hold)
             self.G += dG
             self.Q += dQ
             self.G_hold += dG_hold
             self.Q_hold += dQ_hold
         self.counts += counts
+        self.counts_hold += counts_hold
+
+    def shift(self, h_old: torch.Tensor, h_new: torch.Tensor, labels: torch.Tensor, per_row: torch.Tensor) -> None:
+        """Replace rows' contributions to the statistics: G += sum w h_new h_new^T - w h_old h_old^T,
+        Q likewise, with weight ``per_row`` on each row for G, Q and ``per_row`` times the class's
+        held-out share for G_hold, Q_hold (SAFE's fast-statistics refresh, edgecl.learners.drift;
+        rows with h_new == h_old change nothing, exactly)."""
+        labels = labels.cpu()
+        share = (self.counts_hold / self.counts.clamp(min=1))[labels]
+        y = F.one_hot(labels, self.num_classes).double()
+        for w, G, Q in ((per_row.double(), self.G, self.Q), (per_row.double() * share, self.G_hold, self.Q_hold)):
+            if not w.any():
+                continue
+            a, b = h_new.double() * w.sqrt()[:, None], h_old.double() * w.sqrt()[:, None]
+            G += a.T @ a - b.T @ b
+            Q += (h_new.double() - h_old.double()).mul(w[:, None]).T @ y
+
+    def fit_weights(self) -> torch.Tensor:
+        """W of the ridge fit without the held-out rows, at the chosen lambda: the head whose
+        logits on those rows are out of sample (what a temperature is fitted on)."""
+        eye = torch.eye(self.G.shape[0], dtype=self.G.dtype)
+        lam = self.lam if self.lam is not None else 1.0
+        L, info = torch.linalg.cholesky_ex(self.G - self.G_hold + lam * eye)
+        if info.item() != 0:
+            return torch.linalg.solve(self.G - self.G_hold + lam * eye, self.Q - self.Q_hold).float()
+        return torch.cholesky_solve(self.Q - self.Q_hold, L).float()
 
     def holdout_error(self, lam: float) -> float:
         """Held-out squared error (up to a constant) of the ridge fit on the non-held-out part."""
@@ -235,3 +264,4 @@ class RanPACHead:
             self.W_rand = state["W_rand"].float()
         self.G_hold = torch.zeros_like(self.G)
         self.Q_hold = torch.zeros_like(self.Q)
+        self.counts_hold = torch.zeros_like(self.counts)

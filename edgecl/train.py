@@ -88,6 +88,8 @@ def _train(cfg: Config, out: str, cls, dist, data: tuple, progress: bool, log: C
     for name, m in tracked.items():
         if name != "main":
             metrics[name] = m.summary()
+    if learner.session_log:
+        metrics["per_session"] = learner.session_log
 
     names = train_set.class_names
     manifest = BundleManifest(

@@ -22,11 +22,11 @@ VIT = TINY_VIT
 CNN = {"name": "tf_efficientnet_lite0", "weights": "random", "kwargs": {}}
 
 
-def _learner(backbone=VIT, kinds=("ssf",)):
+def _learner(backbone=VIT, kinds=("ssf",), **safe):
     cfg = resolve_config("safe", overrides={
         "backbone": backbone, "pet": {"kinds": list(kinds)},
         "data": {"input_size": 32}, "ranpac": {"M": 64}, "train": {"epochs": 1, "batch_size": 8, "device": "cpu"},
-        "safe": {"fast_epochs": 1}})
+        "safe": {"fast_epochs": 1, **safe}})
     torch.manual_seed(0)
     bb = create_backbone(cfg.backbone.name, "random", **cfg.backbone.kwargs)
     learner = SAFE(cfg, bb)
@@ -59,15 +59,20 @@ def test_slow_frozen_fast_learns_and_heads_are_separate(backbone, kinds):
     assert learner.slow_cls.weight.shape[0] == learner.fast_cls.weight.shape[0] == 4
 
     out = learner.predict(_images([0, 1, 2, 3], n=3, seed=3))
-    agg, w = entropy_aggregate(torch.from_numpy(out["slow"]), torch.from_numpy(out["fast"]), learner.cfg.safe.gamma)
+    T = learner.temperature
+    assert T["slow"] != 1.0 and T["fast"] != 1.0  # fitted on the held-out rows
+    agg, w = entropy_aggregate(torch.from_numpy(out["slow"]) / T["slow"], torch.from_numpy(out["fast"]) / T["fast"],
+                               learner.cfg.safe.gamma)
     assert np.allclose(out["main"], agg.numpy()) and np.allclose(out["aggregate"], agg.numpy())
-    weights = learner.aggregation_weights(out)
-    assert np.allclose(weights.sum(1), 1.0) and np.allclose(weights, w)
+    assert np.allclose(learner.aggregation_weights(out), w)
+    raw, _ = entropy_aggregate(torch.from_numpy(out["slow"]), torch.from_numpy(out["fast"]), learner.cfg.safe.gamma)
+    assert np.allclose(out["aggregate_raw"], raw.numpy())
 
     # the bundle state alone rebuilds both learners (PET weights, RanPAC heads, cosine heads)
     twin = _learner(backbone, kinds)
     twin.load_state(learner.state(), learner.meta())
     again = twin.predict(_images([0, 1, 2, 3], n=3, seed=3))
+    assert twin.temperature == learner.temperature
     for key in ("slow", "fast", "aggregate"):
         assert np.allclose(again[key], out[key], atol=1e-4), key
 
@@ -83,3 +88,64 @@ def test_channels_last_features_equal_plain_nchw():
         want = plain(learner.normalize(x).contiguous())
     assert learner.prepare(x).is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def _batch(learner, classes, seed):
+    images = _images(classes, n=4, seed=seed)
+    x = learner.prepare(torch.from_numpy(np.ascontiguousarray(images.images)))
+    return x, torch.as_tensor(images.labels)
+
+
+@pytest.mark.parametrize("which", ["slow", "fast"])
+def test_each_loss_term_enters_the_step_with_its_weight(which):
+    """Every term of Eq. 2-7 is in the step, scaled by its configured weight; changing one weight
+    changes the gradient."""
+    names = {"slow": {"diag": "lambda_diag", "rdn": "lambda_rdn"}, "fast": {"cc": "lambda_cc", "cos": "lambda_cos"}}
+    learner = _learner(fast_epochs=1)
+    learner.learn(0, _images([0, 1], seed=1), [0, 1])
+    learner.num_seen = 2
+    if which == "fast":
+        learner.train_fast = lambda *a: None  # only its rows: the step is called by hand below
+        from edgecl.learners.safe import _append_rows
+        _append_rows(learner.slow_cls, torch.randn(2, learner.ptm.feature_dim), trainable=False)
+        _append_rows(learner.fast_cls, torch.randn(2, learner.ptm.feature_dim), trainable=True)
+    x, y = _batch(learner, [0, 1] if which == "slow" else [2, 3], seed=5)
+    params = petlib.pet_parameters((learner.slow if which == "slow" else learner.fast).model)
+    for p in params:
+        p.requires_grad_(True)  # the slow learner is frozen after session 1
+
+    def step():
+        torch.manual_seed(0)
+        return learner.slow_step(x, y) if which == "slow" else learner.fast_step(x, y, num_old=2)
+
+    def grads(terms):
+        return torch.autograd.grad(sum(terms.values()), params, allow_unused=True)
+
+    base = step()
+    assert set(base) == {"ce", *names[which]}
+    for term, key in names[which].items():
+        before = getattr(learner.cfg.safe, key)
+        assert before > 0
+        setattr(learner.cfg.safe, key, 3 * before)
+        tripled = step()
+        assert torch.allclose(tripled[term], 3 * base[term], rtol=1e-4), term
+        assert torch.allclose(tripled["ce"], base["ce"]), term
+        g3 = grads(tripled)
+        setattr(learner.cfg.safe, key, before)
+        g1 = grads(step())
+        assert any(a is not None and not torch.allclose(a, b) for a, b in zip(g3, g1)), term
+
+
+def test_refresh_changes_nothing_when_the_fast_learner_has_not_moved():
+    """safe.fast_epochs = 0: the fast learner never moves, so the refreshed G_f / Q_f equal the
+    direct accumulation (the never-refreshed head kept beside it) exactly; the refresh did run."""
+    learner = _learner(fast_epochs=0, keep_stale=True, refresh_draws=8)
+    for t, classes in enumerate(([0, 1], [2, 3], [4, 5])):
+        learner.learn(t, _images(classes, seed=10 + t), classes)
+        learner.num_seen = classes[-1] + 1
+    assert [r["classes"] for r in learner.history["refresh"]] == [2, 4]
+    assert torch.equal(learner.fast_head.G, learner.fast_head_stale.G)
+    assert torch.equal(learner.fast_head.Q, learner.fast_head_stale.Q)
+    assert torch.equal(learner.fast_head.G_hold, learner.fast_head_stale.G_hold)
+    out = learner.predict(_images([0, 1, 2, 3, 4, 5], n=2, seed=3))
+    assert np.array_equal(out["fast"], out["fast_stale"])

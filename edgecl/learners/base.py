@@ -80,6 +80,11 @@ class Learner:
         """Method-specific PNGs for the bundle ({file name: bytes}) from the final evaluation."""
         return {}
 
+    def session_facts(self, logits: dict, labels: np.ndarray) -> dict:
+        """Method facts recorded after each session's test (metrics.json ``per_session``; SAFE:
+        the learners' mean aggregation weights), from the gathered logits."""
+        return {}
+
     def feature_models(self) -> dict:
         """The feature extractors the heads read, by predictor name (what the exporter puts
         in the graph): ``{"main": model}``; SAFE: ``{"slow": ..., "fast": ...}``. Each takes
@@ -272,6 +277,7 @@ def run_sessions(learner: Learner, train: ImageSet, val: ImageSet, scenario: Sce
     learner.progress = progress
     seen = 0
     learner.timing = {"learn_s": 0.0, "eval_s": 0.0}
+    learner.session_log = []
     bar = tqdm(total=len(scenario.sessions), desc=f"{learner.name}", disable=not progress, dynamic_ncols=True)
     for t, classes in enumerate(scenario.sessions):
         session_train = to_incremental(train, label_map, classes)
@@ -289,6 +295,9 @@ def run_sessions(learner: Learner, train: ImageSet, val: ImageSet, scenario: Sce
         for name, lg in logits.items():
             pred = np.asarray(lg)[:, :seen].argmax(1)
             accs[name] = metrics[name].record(pred, val_all.labels[rows], session_of_label)
+        facts = learner.session_facts(logits, val_all.labels[rows])
+        if facts:
+            learner.session_log.append({"session": t + 1, **facts})
         bar.update(1)
         bar.set_postfix(acc=f"{accs['main']:.2f}")
         if on_session:
