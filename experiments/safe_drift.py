@@ -17,7 +17,11 @@ session it prints, on the classes seen so far:
 - norm: mean feature norm of the fast learner over the slow learner's;
 - fast, head refit: the fast learner with its RanPAC head recomputed from the *current* fast
   features of all seen training images. An exemplar-free learner cannot do this (it keeps no
-  old images); the gap to "fast" is what stale G_f / Q_f statistics cost.
+  old images); the gap to "fast" is what stale G_f / Q_f statistics cost;
+- fast, as accumulated: the fast head never refreshed (``safe.keep_stale``, on in this script),
+  beside "fast", whose statistics are refreshed when ``safe.refresh_fast`` is on (the default);
+- G_f error refreshed / as accumulated: ||G_f - G_refit|| / ||G_refit|| (Frobenius) of the
+  refreshed and the never-refreshed head against the refit head's statistics.
 
 Writes OUT/drift.md and OUT/drift.json. The diagnosis (lambda_cos 50 overshoots at the fast
 learner's step; the quick profile uses 15) is in docs/METHODS.md (SAFE, lambda_cos).
@@ -66,6 +70,7 @@ def main(argv=None) -> int:
         overrides = parse_set([s for s in sets if s])
         overrides.setdefault("data", {}).update(root=str(train_dir), val_root=str(heldout))
         overrides["seed"] = args.seed
+        overrides.setdefault("safe", {})["keep_stale"] = True
         return resolve_config("safe", "quick", None, overrides)
 
     cfg = config([])
@@ -87,7 +92,7 @@ def main(argv=None) -> int:
         rows = np.where(val.labels < seen)[0]
         y = val.labels[rows]
         logits = L.predict(val, rows)
-        f_s, f_f = L.features(L.slow, "slow", val, rows), L.features(L.fast, "fast", val, rows)
+        f_s, f_f = L.features(L.slow_model, "slow", val, rows), L.features(L.fast, "fast", val, rows)
         old = y < first
 
         def acc(lg, mask=slice(None)):
@@ -103,6 +108,9 @@ def main(argv=None) -> int:
             refit.add(L._extract(L.fast, tr), torch_labels(tr), session_holdout(L.cfg, j, tr))
         refit.solve()
         r["fast_refit"] = acc(refit.logits(f_f).numpy())
+        r["fast_stale"] = acc(logits["fast_stale"])
+        r["G_err"], r["G_err_stale"] = (round(float((h.G - refit.G).norm() / refit.G.norm()), 4)
+                                        for h in (L.fast_head, L.fast_head_stale))
         return r
 
     base = build_learner(cfg)
@@ -124,10 +132,12 @@ def main(argv=None) -> int:
 
     rows = [[r["variant"], r["session"], f"{r['slow']:.2f}", f"{r['fast']:.2f}", f"{r['aggregate']:.2f}",
              f"{r['fast_first']:.2f} / {r['slow_first']:.2f}", f"{r['cos']:.4f}", f"{r['norm']:.3f}",
-             f"{r['fast_refit']:.2f}"] for r in results]
+             f"{r['fast_refit']:.2f}", f"{r['fast_stale']:.2f}", f"{r['G_err']:.4f} / {r['G_err_stale']:.4f}"]
+            for r in results]
     lines = markdown_table([f"variant (seed {args.seed}, held-out)", "session", "slow", "fast", "aggregate",
                             "fast / slow on session-1 classes", "cos(fast, slow)", "norm fast / slow",
-                            "fast, head refit"], rows)
+                            "fast, head refit", "fast, as accumulated", "G_f error refreshed / as accumulated"],
+                           rows)
     write_results(out, "\n".join(lines), results, PROG, argv, md="drift.md", json_name="drift.json")
     return 0
 

@@ -38,3 +38,31 @@ def test_eval_reproduces_bundle_accuracy(quick_runs):
         assert res["n"] == 5000
         assert res["accuracy"] == pytest.approx(results[method]["A_last"], abs=1e-6)
         assert json.loads((out / method / "metrics.json").read_text())["A_last"] == results[method]["A_last"]
+
+
+@pytest.fixture(scope="module")
+def safe_run(quick_runs):
+    """SAFE on the quick protocol (seed 1993; about 20 min on 2 CPU cores)."""
+    data, out, results = quick_runs
+    cfg = resolve_config("safe", "quick", overrides={"data": {"root": str(data)}})
+    metrics = train(cfg, str(out / "safe"), progress=False, log=lambda *_: None)
+    return data, out / "safe", metrics, results["ranpac"]
+
+
+def test_safe_beats_ranpac_and_its_learners_with_weights_that_weigh(safe_run):
+    """SAFE as published (transfer loss on, calibrated entropy aggregation, refreshed fast
+    statistics): above RanPAC and above the better of its two learners alone; the aggregation
+    weights are not the flat 0.5 / 0.5 of raw ridge logits, and differ between sessions."""
+    _, bundle, m, ranpac = safe_run
+    assert m["A_last"] > ranpac["A_last"]
+    assert m["A_last"] >= max(m["slow"]["A_last"], m["fast"]["A_last"])
+    weights = [s["w_slow"] for s in m["per_session"]]
+    assert len(weights) == 10 and max(abs(w - 0.5) for w in weights[1:]) > 0.05
+    temps = json.loads((bundle / "manifest.json").read_text())["learner"]["temperatures"]
+    assert all(t < 0.5 for t in temps.values())  # ridge logits are ~0..1: a sharpening temperature
+
+
+def test_safe_eval_reproduces_bundle_accuracy(safe_run):
+    data, bundle, m, _ = safe_run
+    res = evaluate(str(bundle), str(data), progress=False)
+    assert res["accuracy"] == pytest.approx(m["A_last"], abs=1e-6)
