@@ -42,13 +42,21 @@ def _recipe(config: dict) -> dict:
     return d
 
 
+def _differs(done, want) -> bool:
+    """A recorded config section (or value) against the wanted one, on the options both have."""
+    if isinstance(done, dict) and isinstance(want, dict):
+        return any(done[o] != want[o] for o in done.keys() & want.keys())
+    return done != want
+
+
 def run_quick(method: str, seed: int, data: str, out: Path, sets=(), reuse: bool = False) -> dict:
     """One `edgecl train --profile quick` run; returns its metrics (plus wall_s).
 
     With ``reuse``, a finished run already in ``out`` is read back instead (so an interrupted
     benchmark resumes, and seeds can run in separate processes sharing one --out), provided it
-    was trained with the same configuration; a different one stops with a message. A run
-    made by older code is not detected: delete --out after changing the code.
+    was trained with the same configuration (the options both record); a different one stops
+    with a message. A run made by older code is not detected: delete --out after changing the
+    code when the change matters to what is read back.
     """
     from edgecl.config import parse_set, resolve_config
     from edgecl.train import train
@@ -61,7 +69,8 @@ def run_quick(method: str, seed: int, data: str, out: Path, sets=(), reuse: bool
     if reuse and (out / "metrics.json").is_file():
         manifest = json.loads((out / "manifest.json").read_text())
         done, want = _recipe(manifest["config"]), _recipe(cfg.to_dict())
-        if any(done[k] != want[k] for k in done.keys() & want.keys()):  # bundles keep their method's sections
+        # bundles keep their method's sections, and a run made before an option existed lacks it
+        if any(_differs(done[k], want[k]) for k in done.keys() & want.keys()):
             raise SystemExit(f"{out}: holds a finished run with another configuration than "
                              f"{method} {' '.join(sets)}; delete it or choose another --out")
         m = json.loads((out / "metrics.json").read_text())
