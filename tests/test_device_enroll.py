@@ -83,6 +83,11 @@ def test_safe_two_learners_aggregate_and_enroll(engines, tmp_path):
     rt.enroll_frames("seven", class_frames(7, 10, seed=1))
     x7, _ = labelled_frames([7], 10, seed=8)
     assert (rt.classify(x7)["scores"].argmax(1) == 6).mean() >= 0.9
+    # the class entered both learners' heads, each from its own features
+    per_learner = rt.heads.logits(rt.backend.infer(x7))
+    assert set(per_learner) == {"slow", "fast"}
+    for name, lg in per_learner.items():
+        assert lg.shape == (10, 7) and (lg.argmax(1) == 6).mean() >= 0.8, name
     from edgecl.device.enroll import DEFAULT_POLICY
 
     assert rt.heads.state.policy == DEFAULT_POLICY  # both learners' heads under the one store policy
