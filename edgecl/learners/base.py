@@ -80,9 +80,10 @@ class Learner:
         """Method-specific PNGs for the bundle ({file name: bytes}) from the final evaluation."""
         return {}
 
-    def session_facts(self, logits: dict, labels: np.ndarray) -> dict:
+    def session_facts(self, logits: dict, labels: np.ndarray, session_of_label: np.ndarray) -> dict:
         """Method facts recorded after each session's test (metrics.json ``per_session``; SAFE:
-        the learners' mean aggregation weights), from the gathered logits."""
+        the learners' mean aggregation weights), from the gathered logits of the test images,
+        their labels and each label's session."""
         return {}
 
     def feature_models(self) -> dict:
@@ -295,7 +296,7 @@ def run_sessions(learner: Learner, train: ImageSet, val: ImageSet, scenario: Sce
         for name, lg in logits.items():
             pred = np.asarray(lg)[:, :seen].argmax(1)
             accs[name] = metrics[name].record(pred, val_all.labels[rows], session_of_label)
-        facts = learner.session_facts(logits, val_all.labels[rows])
+        facts = learner.session_facts(logits, val_all.labels[rows], session_of_label)
         if facts:
             learner.session_log.append({"session": t + 1, **facts})
         bar.update(1)
