@@ -51,7 +51,6 @@ class SAFE(Learner):
     name = "safe"
     # aggregate_raw: the entropy rule on the raw logits (T = 1, SAFE before issue 16)
     predictors = ("main", "slow", "fast", "aggregate", "aggregate_raw")
-    LEARNERS = ("slow", "fast")
 
     def __init__(self, cfg, backbone, device=None):
         super().__init__(cfg, backbone, device)
