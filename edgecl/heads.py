@@ -178,23 +178,28 @@ class RanPACHead:
             G += a.T @ a - b.T @ b
             Q += (h_new.double() - h_old.double()).mul(w[:, None]).T @ y
 
+    def _fit_without_holdout(self, lam: float) -> Optional[torch.Tensor]:
+        """W = (G - G_hold + lambda I)^-1 (Q - Q_hold), float64; None when that matrix is not
+        positive definite at this lambda."""
+        eye = torch.eye(self.G.shape[0], dtype=self.G.dtype)
+        L, info = torch.linalg.cholesky_ex(self.G - self.G_hold + lam * eye)
+        return None if info.item() != 0 else torch.cholesky_solve(self.Q - self.Q_hold, L)
+
     def fit_weights(self) -> torch.Tensor:
         """W of the ridge fit without the held-out rows, at the chosen lambda: the head whose
         logits on those rows are out of sample (what a temperature is fitted on)."""
-        eye = torch.eye(self.G.shape[0], dtype=self.G.dtype)
         lam = self.lam if self.lam is not None else 1.0
-        L, info = torch.linalg.cholesky_ex(self.G - self.G_hold + lam * eye)
-        if info.item() != 0:
-            return torch.linalg.solve(self.G - self.G_hold + lam * eye, self.Q - self.Q_hold).float()
-        return torch.cholesky_solve(self.Q - self.Q_hold, L).float()
+        W = self._fit_without_holdout(lam)
+        if W is None:
+            eye = torch.eye(self.G.shape[0], dtype=self.G.dtype)
+            W = torch.linalg.solve(self.G - self.G_hold + lam * eye, self.Q - self.Q_hold)
+        return W.float()
 
     def holdout_error(self, lam: float) -> float:
         """Held-out squared error (up to a constant) of the ridge fit on the non-held-out part."""
-        eye = torch.eye(self.G.shape[0], dtype=self.G.dtype)
-        L, info = torch.linalg.cholesky_ex(self.G - self.G_hold + lam * eye)
-        if info.item() != 0:  # not positive definite at this lambda: not a usable candidate
+        W = self._fit_without_holdout(lam)
+        if W is None:  # not positive definite at this lambda: not a usable candidate
             return math.inf
-        W = torch.cholesky_solve(self.Q - self.Q_hold, L)
         return float((W * (self.G_hold @ W)).sum() - 2 * (W * self.Q_hold).sum())
 
     def select_lambda(self, stride: int = 3) -> float:

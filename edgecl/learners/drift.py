@@ -38,7 +38,6 @@ class ClassGaussians:
         self.means = torch.zeros(0, dim)
         self.factors = torch.zeros(0, dim, rank)
         self.resid = torch.zeros(0)
-        self.counts = torch.zeros(0)
 
     @property
     def num_classes(self) -> int:
@@ -65,7 +64,6 @@ class ClassGaussians:
             self.means = torch.cat([self.means, mu.float()[None]])
             self.factors = torch.cat([self.factors, factor.float()[None]])
             self.resid = torch.cat([self.resid, torch.tensor([rest], dtype=torch.float32)])
-            self.counts = torch.cat([self.counts, torch.tensor([float(n)])])
 
     def draw(self, c: int, z_low: torch.Tensor, z_iso: torch.Tensor) -> torch.Tensor:
         """Draws of class c from standard normals z_low [n, rank] and z_iso [n, dim]."""
