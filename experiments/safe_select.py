@@ -27,6 +27,16 @@ rules and the oracle, writing OUT/gamma-NAME.md and OUT/gamma-NAME.json. ``--swe
 does the same for a bundle already trained on this held-out protocol (e.g. a candidate's run
 under --out).
 
+``--aggregation`` chooses SAFE's aggregation form (``safe.refresh_fast`` on / off ×
+``safe.temperature`` fit / none, the four combinations) on the held-out images, from one SAFE
+run per ``--seeds`` seed with ``safe.keep_stale=true`` (the fast training does not depend on
+either option, so the run's predictors ``aggregate``, ``aggregate_raw``, ``aggregate_stale`` and
+``aggregate_stale_raw`` are the four): the one with the best mean A_last wins; writes
+OUT/aggregation.md and OUT/aggregation.json::
+
+    python -m experiments.safe_select --data ../shared/data/tiny-imagenet-100 --out runs/safe-select \
+        --aggregation --seeds 1993 1996 1997 --set train.threads=1
+
 The outcomes (transfer loss off and lambda_cos 15 in the quick profile, gamma 1 kept) are in
 docs/METHODS.md (SAFE); the aggregation rules and the oracle in docs/BENCHMARKS.md (SAFE).
 """
@@ -190,6 +200,34 @@ def gamma_sweep(bundle: Path, heldout: Path, gammas) -> list:
     return out
 
 
+def select_aggregation(train_dir: Path, heldout: Path, out: Path, seeds, sets) -> dict:
+    """The four aggregation forms (``edgecl.learners.safe.AGGREGATION_FORMS``) on the held-out
+    images, one SAFE run per seed (refresh and temperatures on, the stale head kept); the best
+    mean A_last wins."""
+    from benchmarks.common import mean_std
+    from edgecl.learners.safe import AGGREGATION_FORMS, ALL_FORMS
+
+    forms = [(name, options, key) for key, (name, options) in AGGREGATION_FORMS.items()]
+
+    per_seed = {}
+    for seed in seeds:
+        m = run_quick("safe", seed, str(train_dir), out / f"aggregation-s{seed}",
+                      [*ALL_FORMS, *sets, f"data.val_root={heldout}"], reuse=True)
+        per_seed[seed] = {name: {k: m[key][k] for k in ("A_last", "A_avg")} for name, _o, key in forms}
+        per_seed[seed] |= {f"{k} alone": {x: m[k][x] for x in ("A_last", "A_avg")}
+                           for k in ("slow", "fast", "fast_stale")}
+        print(f"seed {seed}: " + ", ".join(f"{n} {v['A_last']:.2f}" for n, v in per_seed[seed].items()),
+              file=sys.stderr, flush=True)
+    means = {name: sum(per_seed[s][name]["A_last"] for s in seeds) / len(seeds) for name, _o, _k in forms}
+    best = max(means, key=means.get)
+    return {"seeds": list(seeds), "per_seed": per_seed, "mean_A_last": means, "chosen": best,
+            "options": {name: o for name, o, _k in forms}[best],
+            "rows": [[name, mean_std([per_seed[s][name]["A_last"] for s in seeds]),
+                      mean_std([per_seed[s][name]["A_avg"] for s in seeds]),
+                      " / ".join(f"{per_seed[s][name]['A_last']:.2f}" for s in seeds)]
+                     for name in per_seed[seeds[0]]]}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = parser(PROG, __doc__)
@@ -206,6 +244,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", type=int, metavar="I",
                     help="run only these default candidates (0-based; several processes can share --out)")
     ap.add_argument("--reference", action="store_true", help="also run the no-transfer-loss reference")
+    ap.add_argument("--aggregation", action="store_true",
+                    help="choose the aggregation form (refresh on/off x temperature fit/none) over --seeds")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1993, 1996, 1997], help="for --aggregation")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="added to every candidate (e.g. train.threads=1; not part of the recipe)")
     ap.add_argument("--out", default="runs/safe-select")
@@ -213,6 +254,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     train_dir = Path(args.data) / "train"
     heldout = build_heldout(train_dir, out / "heldout", args.val_per_class, skip=100)
+    if args.aggregation:
+        res = select_aggregation(train_dir, heldout, out, args.seeds, args.set)
+        lines = markdown_table([f"aggregation (held-out training images, seeds {' '.join(map(str, args.seeds))})",
+                                "A_last", "A_avg", "A_last per seed"], res.pop("rows"))
+        lines.append(f"\nchosen: {res['chosen']} (safe.refresh_fast={str(res['options']['refresh_fast']).lower()}, "
+                     f"safe.temperature={res['options']['temperature']})")
+        write_results(out, "\n".join(lines), res, PROG, argv, md="aggregation.md", json_name="aggregation.json")
+        return 0
     if args.gamma_sweep or args.sweep_bundle:
         if args.sweep_bundle:
             bundle = Path(args.sweep_bundle)

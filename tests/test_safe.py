@@ -149,3 +149,8 @@ def test_refresh_changes_nothing_when_the_fast_learner_has_not_moved():
     assert torch.equal(learner.fast_head.G_hold, learner.fast_head_stale.G_hold)
     out = learner.predict(_images([0, 1, 2, 3, 4, 5], n=2, seed=3))
     assert np.array_equal(out["fast"], out["fast_stale"])
+    # the stale head's own temperature fit sees the same rows: the calibrated aggregates agree,
+    # and differ from the raw one (the temperature was fitted, not left at 1)
+    assert learner.stale_temperature == learner.temperature["fast"] != 1.0
+    assert np.array_equal(out["aggregate"], out["aggregate_stale"])
+    assert not np.allclose(out["aggregate"], out["aggregate_raw"])

@@ -47,6 +47,17 @@ def _append_rows(head: CosineHead, rows: torch.Tensor, trainable: bool) -> None:
     head.weight = nn.Parameter(weight, requires_grad=trainable)
 
 
+# With safe.keep_stale (and refresh and temperatures on), one run predicts SAFE's aggregate in
+# the four forms of refresh_fast on / off x temperature fit / none: predictor -> (name, options)
+AGGREGATION_FORMS = {
+    "aggregate_stale_raw": ("statistics as accumulated, raw logits", {"refresh_fast": False, "temperature": "none"}),
+    "aggregate_stale": ("statistics as accumulated, calibrated", {"refresh_fast": False, "temperature": "fit"}),
+    "aggregate_raw": ("refreshed statistics, raw logits", {"refresh_fast": True, "temperature": "none"}),
+    "aggregate": ("refreshed statistics, calibrated", {"refresh_fast": True, "temperature": "fit"}),
+}
+ALL_FORMS = ["safe.keep_stale=true", "safe.refresh_fast=true", "safe.temperature=fit"]  # the --set that gives them
+
+
 class SAFE(Learner):
     name = "safe"
     # aggregate_raw: the entropy rule on the raw logits (T = 1, SAFE before issue 16)
@@ -67,13 +78,17 @@ class SAFE(Learner):
         self.volatile = {"fast"} if cfg.safe.fast_epochs > 0 else set()
         self.history: dict = {}
         self.temperature = {"slow": 1.0, "fast": 1.0}
-        self._heldout = {"slow": [], "fast": []}  # (out-of-sample logits, labels) of every session's held-out rows
+        # (out-of-sample logits, labels) of every session's held-out rows, per head
+        self._heldout = {"slow": [], "fast": [], "fast_stale": []}
         self.gaussians = ClassGaussians(d, cfg.safe.refresh_rank)  # fast-space class Gaussians (drift.py)
         self._before = None  # this session's fast features before the fast training
-        # diagnostics (safe.keep_stale): the fast head as it would be without the refresh
+        # diagnostics (safe.keep_stale): the fast head as it would be without the refresh, with
+        # its own temperature (kept out of the bundle): the four aggregations of refresh on / off
+        # and temperature fit / none from one run
         self.fast_head_stale = RanPACHead(d, rc.M, cfg.seed + 1, rc.lambdas) if cfg.safe.keep_stale else None
+        self.stale_temperature = 1.0
         if self.fast_head_stale is not None:
-            self.predictors = self.predictors + ("fast_stale", "aggregate_stale_raw")
+            self.predictors = self.predictors + ("fast_stale", "aggregate_stale", "aggregate_stale_raw")
 
     # ------------------------------------------------------------------ training
     def train_slow(self, train, new_classes) -> None:
@@ -173,14 +188,14 @@ class SAFE(Learner):
         hold = session_holdout(self.cfg, t, train)[torch.as_tensor(rows)]
         feats = {"slow": self.features(self.slow_model, "slow", part), "fast": self.features(self.fast, "fast", part)}
         self.update_fast_gaussians(t, feats["fast"], labels, hold, new_classes)
-        heads = [("slow", self.slow_head), ("fast", self.fast_head)]
+        heads = [("slow", "slow", self.slow_head), ("fast", "fast", self.fast_head)]
         if self.fast_head_stale is not None:
-            heads.append(("fast", self.fast_head_stale))
-        for tag, head in heads:
+            heads.append(("fast", "fast_stale", self.fast_head_stale))
+        for tag, _name, head in heads:
             head.add(feats[tag], labels, hold, num_classes=new_classes[-1] + 1, dist=self.dist)
             head.solve(dist=self.dist)
-        for tag, head in heads[:2]:
-            self.fit_temperature(tag, head, feats[tag][hold], labels[hold])
+        for tag, name, head in heads:
+            self.fit_temperature(name, head, feats[tag][hold], labels[hold])
 
     def _gather(self, *tensors) -> list:
         """The tensors over every rank's part, in row order (one process: as they are)."""
@@ -206,18 +221,22 @@ class SAFE(Learner):
         self._before = None
         self.gaussians.add(after, labels, new_classes)
 
-    def fit_temperature(self, tag, head, f_hold, y_hold) -> None:
-        """T of one learner by NLL (Guo et al., 2017) over the held-out rows of every session so
-        far, each scored when its session ended by the head fitted without the held-out rows."""
+    def fit_temperature(self, name, head, f_hold, y_hold) -> None:
+        """T of one head (slow, fast or the diagnostic fast_stale) by NLL (Guo et al., 2017) over
+        the held-out rows of every session so far, each scored when its session ended by the head
+        fitted without the held-out rows."""
         if self.cfg.safe.temperature != "fit":
             return
         z = head.project(f_hold) @ head.fit_weights()
         z, y = self._gather(z, y_hold)
         if len(y):
-            self._heldout[tag].append((z.numpy(), y.numpy()))
-        if self._heldout[tag]:
-            self.temperature[tag] = fit_temperature([a for a, _ in self._heldout[tag]],
-                                                    [b for _, b in self._heldout[tag]])
+            self._heldout[name].append((z.numpy(), y.numpy()))
+        if self._heldout[name]:
+            t = fit_temperature([a for a, _ in self._heldout[name]], [b for _, b in self._heldout[name]])
+            if name == "fast_stale":
+                self.stale_temperature = t
+            else:
+                self.temperature[name] = t
 
     # ------------------------------------------------------------------ inference
     def predict(self, images, rows=None):
@@ -232,6 +251,8 @@ class SAFE(Learner):
         if self.fast_head_stale is not None:
             l_stale = self.fast_head_stale.logits(f_fast)
             out["fast_stale"] = l_stale
+            out["aggregate_stale"] = entropy_aggregate(l_slow / self.temperature["slow"],
+                                                       l_stale / self.stale_temperature, sc.gamma)[0]
             out["aggregate_stale_raw"] = entropy_aggregate(l_slow, l_stale, sc.gamma)[0]
         return {k: v.numpy() for k, v in out.items()}
 
