@@ -128,10 +128,12 @@ class SAFEConfig:
     gamma: float = 1.0  # aggregation sharpness: weights = softmax(-gamma [H_slow, H_fast])
     # each learner's logits divided by a temperature before the entropy (and the mix): "fit" = by
     # NLL on the RanPAC heads' held-out training rows, out of sample (issue 16); "none" = T = 1
-    temperature: str = field(default="fit", metadata=_choices("fit", "none"))
+    # (the paper; chosen on held-out training images: python -m experiments.safe_select --aggregation)
+    temperature: str = field(default="none", metadata=_choices("fit", "none"))
     # after every fast session, correct the old classes' rows of G_f, Q_f for the fast learner's
-    # drift, from per-class Gaussians of fast features (edgecl.learners.drift)
-    refresh_fast: bool = True
+    # drift, from per-class Gaussians of fast features (edgecl.learners.drift); off: it lost on
+    # the held-out training images (python -m experiments.safe_select --aggregation)
+    refresh_fast: bool = False
     refresh_rank: int = 16  # rank of each class's Gaussian (plus an isotropic residual)
     refresh_draws: int = 64  # draws per old class and refresh
     keep_stale: bool = False  # diagnostics: also keep the never-refreshed fast head (ablation rows)

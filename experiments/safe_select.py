@@ -22,7 +22,8 @@ per process (they share --out and the held-out folder)::
 
 ``--gamma-sweep NAME:KEY=VALUE[,...]`` trains one full SAFE run that way (evaluated on the
 held-out images) and then recomputes its final aggregate for each ``--gammas`` value from the
-slow and fast logits (gamma only acts at inference, Eq. 8-9), then a few other per-image
+slow and fast logits (gamma only acts at inference, Eq. 8-9), raw and over the bundle's
+temperatures, then a few other per-image
 rules and the oracle, writing OUT/gamma-NAME.md and OUT/gamma-NAME.json. ``--sweep-bundle DIR``
 does the same for a bundle already trained on this held-out protocol (e.g. a candidate's run
 under --out).
@@ -190,11 +191,16 @@ def gamma_sweep(bundle: Path, heldout: Path, gammas) -> list:
     rows, y = images.relabel(manifest["classes"]["names"])
     logits = learner.predict(with_labels(images.subset(rows), y))
     l_slow, l_fast = torch.from_numpy(logits["slow"]), torch.from_numpy(logits["fast"])
+    temps = manifest["learner"].get("temperatures") or {}
+    t_slow, t_fast = temps.get("slow", 1.0), temps.get("fast", 1.0)
     out = []
     for g in gammas:
         agg, w = entropy_aggregate(l_slow, l_fast, g)
+        cal, wc = entropy_aggregate(l_slow / t_slow, l_fast / t_fast, g)  # the bundle's temperatures
         out.append({"gamma": g, "A_last": _percent_correct(agg.argmax(1).numpy(), y),
-                    "w_slow_mean": float(w[:, 0].mean()), "w_slow_std": float(w[:, 0].std())})
+                    "w_slow_mean": float(w[:, 0].mean()), "w_slow_std": float(w[:, 0].std()),
+                    "A_last_calibrated": _percent_correct(cal.argmax(1).numpy(), y),
+                    "w_slow_mean_calibrated": float(wc[:, 0].mean())})
     out += [{"gamma": f"{k} alone", "A_last": _percent_correct(logits[k].argmax(1), y)} for k in ("slow", "fast")]
     out += [{"gamma": r["rule"], "A_last": r["A_last"]} for r in _aggregation_rules(logits["slow"], logits["fast"], y)]
     return out
@@ -273,9 +279,11 @@ def main(argv=None) -> int:
                       reuse=True)
         sweep = gamma_sweep(bundle, heldout, args.gammas)
         rows = [[r["gamma"], f"{r['A_last']:.2f}",
-                 f"{r['w_slow_mean']:.3f} ({r['w_slow_std']:.3f})" if "w_slow_mean" in r else "-"] for r in sweep]
-        lines = markdown_table([f"gamma ({name}, held-out training images)", "aggregate A_last",
-                                "mean slow weight (std)"], rows)
+                 f"{r['w_slow_mean']:.3f} ({r['w_slow_std']:.3f})" if "w_slow_mean" in r else "-",
+                 f"{r['A_last_calibrated']:.2f}" if "A_last_calibrated" in r else "-",
+                 f"{r['w_slow_mean_calibrated']:.3f}" if "w_slow_mean_calibrated" in r else "-"] for r in sweep]
+        lines = markdown_table([f"gamma ({name}, held-out training images)", "aggregate A_last (raw logits)",
+                                "mean slow weight (std)", "aggregate A_last (logits / T)", "mean slow weight"], rows)
         stem = f"gamma-{name.replace(' ', '_')}"
         write_results(out, "\n".join(lines), {"bundle": str(bundle), "sweep": sweep}, PROG, argv, md=f"{stem}.md",
                       json_name=f"{stem}.json")

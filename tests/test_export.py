@@ -22,7 +22,9 @@ def work(tmp_path_factory):
     bundles = {}
     for method in generic_methods():  # every method with RanPAC / prototype heads (SLCA family: below)
         out = root / f"bundle-{method}"
-        extra = ["--set", "pet.kinds=[ssf, lora]"] if method == "ranpac" else []
+        extra = {"ranpac": ["--set", "pet.kinds=[ssf, lora]"],
+                 # SAFE ships raw logits (T = 1); fitted temperatures must reach the engine too
+                 "safe": ["--set", "safe.temperature=fit"]}.get(method, [])
         res = invoke(["train", "--data", str(data), "--method", method, "--out", str(out), *TINY, *extra])
         assert res.exit_code == 0, res.output
         bundles[method] = out

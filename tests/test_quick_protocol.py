@@ -49,20 +49,20 @@ def safe_run(quick_runs):
     return data, out / "safe", metrics, results["ranpac"]
 
 
-def test_safe_above_ranpac_with_weights_that_weigh(safe_run):
-    """SAFE with the transfer loss, calibrated entropy aggregation and refreshed fast statistics
-    (seed 1993; 63.98 against RanPAC's 63.38 when measured, docs/BENCHMARKS.md): above RanPAC, the
-    aggregate between its learners and close to the better; after the last session the fast
-    learner weighs more on the newest classes than on the oldest (the paper's Fig. 5), which the
-    raw ridge logits' flat 0.50 / 0.50 could not show."""
+def test_safe_above_ranpac_and_above_both_its_learners(safe_run):
+    """SAFE as it ships (the transfer loss on; raw logits and the fast statistics as accumulated,
+    the aggregation form chosen on held-out training images, docs/METHODS.md), seed 1993: 64.98
+    against RanPAC's 62.88, slow 63.96, fast 63.86 when measured on one thread
+    (docs/BENCHMARKS.md). Above RanPAC, and the entropy aggregate at least 0.3 above the better of
+    its two learners (issue 16's bar; +1.02 measured); metrics.json records the weights per
+    session and per class range."""
     _, bundle, m, ranpac = safe_run
     assert m["A_last"] > ranpac["A_last"]
-    best, worst = max(m["slow"]["A_last"], m["fast"]["A_last"]), min(m["slow"]["A_last"], m["fast"]["A_last"])
-    assert worst < m["A_last"] and m["A_last"] >= best - 0.5
-    last = m["per_session"][-1]["w_slow_by_range"]
-    assert len(last) == 10 and last[0] - last[-1] > 0.05
+    assert m["A_last"] >= max(m["slow"]["A_last"], m["fast"]["A_last"]) + 0.3
+    last = m["per_session"][-1]
+    assert len(last["w_slow_by_range"]) == 10 and abs(last["w_slow"] + last["w_fast"] - 1) < 1e-3
     temps = json.loads((bundle / "manifest.json").read_text())["learner"]["temperatures"]
-    assert all(t < 0.5 for t in temps.values())  # ridge logits are ~0..1: a sharpening temperature
+    assert temps == {"slow": 1.0, "fast": 1.0}  # safe.temperature: none
 
 
 def test_safe_eval_reproduces_bundle_accuracy(safe_run):

@@ -40,7 +40,7 @@ CASES = [("vit", VIT, k) for k in pet_kinds()] + [("lite0", CNN, k) for k in cnn
 
 @pytest.mark.parametrize("backbone,kinds", [(bb, [k]) for _, bb, k in CASES], ids=[f"{a}-{k}" for a, _, k in CASES])
 def test_slow_frozen_fast_learns_and_heads_are_separate(backbone, kinds):
-    learner = _learner(backbone, kinds)
+    learner = _learner(backbone, kinds, temperature="fit")
     learner.learn(0, _images([0, 1], seed=1), [0, 1])
     learner.num_seen = 2
     slow_after_1 = {k: v.clone() for k, v in petlib.pet_state_dict(learner.slow.model).items()}
@@ -69,7 +69,7 @@ def test_slow_frozen_fast_learns_and_heads_are_separate(backbone, kinds):
     assert np.allclose(out["aggregate_raw"], raw.numpy())
 
     # the bundle state alone rebuilds both learners (PET weights, RanPAC heads, cosine heads)
-    twin = _learner(backbone, kinds)
+    twin = _learner(backbone, kinds, temperature="fit")
     twin.load_state(learner.state(), learner.meta())
     again = twin.predict(_images([0, 1, 2, 3], n=3, seed=3))
     assert twin.temperature == learner.temperature
@@ -139,7 +139,7 @@ def test_each_loss_term_enters_the_step_with_its_weight(which):
 def test_refresh_changes_nothing_when_the_fast_learner_has_not_moved():
     """safe.fast_epochs = 0: the fast learner never moves, so the refreshed G_f / Q_f equal the
     direct accumulation (the never-refreshed head kept beside it) exactly; the refresh did run."""
-    learner = _learner(fast_epochs=0, keep_stale=True, refresh_draws=8)
+    learner = _learner(fast_epochs=0, refresh_fast=True, temperature="fit", keep_stale=True, refresh_draws=8)
     for t, classes in enumerate(([0, 1], [2, 3], [4, 5])):
         learner.learn(t, _images(classes, seed=10 + t), classes)
         learner.num_seen = classes[-1] + 1
