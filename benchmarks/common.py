@@ -29,10 +29,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 # settings that do not change what a run learns
 _NOT_RECIPE = {"data": ("cache_dir", "workers"), "train": ("device", "threads")}
+# config sections only some learners read (edgecl.config.Config): a run of another method records
+# them too, and their defaults changing does not change that run
+_OWNED_SECTIONS = {"safe": {"safe"}, "slca": {"slca", "slcapp", "seqft"}}
 
 
 def _recipe(config: dict) -> dict:
     d = json.loads(json.dumps(config))
+    for section, methods in _OWNED_SECTIONS.items():
+        if d.get("method") not in methods:
+            d.pop(section, None)
     for section, keys in _NOT_RECIPE.items():
         for k in keys:
             d[section].pop(k, None)

@@ -7,7 +7,7 @@ Rows (each A_last / A_avg, mean ± std over the seeds):
   RanPAC                                  edgecl train --method ranpac --profile quick
   + slow learner (transfer loss)          SAFE's slow learner alone: RanPAC's first-session PET
                                           trained with the transfer loss and its own RanPAC head
-  + fast learner: four forms             the entropy aggregate of slow and fast (Eq. 8-9) with the
+  + fast learner: four forms              the entropy aggregate of slow and fast (Eq. 8-9) with the
                                           fast head's statistics as accumulated (the paper) or
                                           corrected for the fast learner's drift after every
                                           session (safe.refresh_fast), on raw logits (the paper)
@@ -20,8 +20,8 @@ Rows (each A_last / A_avg, mean ± std over the seeds):
   variants (--variant)                    extra SAFE runs with config overrides, e.g.
                                           --variant "no cross-classification:safe.lambda_cc=0"
 Every SAFE row comes from one run per seed (refresh and temperatures on, ``safe.keep_stale=true``
-keeping the never-refreshed fast head beside the refreshed one; metrics.json has every predictor). Also prints the mean
-aggregation weight of the slow learner per session (metrics.json ``per_session``).
+keeping the never-refreshed fast head beside the refreshed one; metrics.json has every
+predictor). Also prints the mean aggregation weight of the slow learner per session (metrics.json ``per_session``).
 Writes OUT/table.md and OUT/results.json (also after every run, so partial results survive an
 interruption). Finished runs under --out are reused when their configuration matches
 (benchmarks.common.run_quick), so seeds can run in separate processes sharing one --out.
@@ -68,11 +68,11 @@ def main(argv=None) -> int:
         add("RanPAC", seed, m)
         m = run_quick("safe", seed, args.data, out / f"safe-s{seed}", [*ALL_FORMS, *sets], reuse=True)
         add("+ slow learner (transfer loss), slow alone", seed, m["slow"] | {"wall_s": None})
-        for key, (name, options) in AGGREGATION_FORMS.items():
+        for key, (name, options) in AGGREGATION_FORMS.items():  # the run's times on the shipped form's row
             label = f"+ fast learner: {name}" + (" (= SAFE)" if options == shipped else "")
-            add(label, seed, m[key] | ({"wall_s": m["wall_s"], "learn_s": m["learn_s"]} if key == "aggregate" else
+            add(label, seed, m[key] | ({"wall_s": m["wall_s"], "learn_s": m["learn_s"]} if options == shipped else
                                       {"wall_s": None}))
-        add("SAFE: fast alone", seed, m["fast"] | {"wall_s": None})
+        add("SAFE: fast alone, refreshed statistics", seed, m["fast"] | {"wall_s": None})
         add("SAFE: fast alone, statistics as accumulated", seed, m["fast_stale"] | {"wall_s": None})
         weights.append([seed] + [f"{r['w_slow']:.3f}" for r in m.get("per_session", [])])
         for spec in args.variant:
@@ -91,13 +91,15 @@ def main(argv=None) -> int:
             t = [per_seed[s].get(key) for s in seeds]
             return "/".join("-" if v is None else f"{v:.0f}" for v in t) if any(v is not None for v in t) else "-"
         table_rows.append([name, mean_std([per_seed[s]["A_last"] for s in seeds]),
-                           mean_std([per_seed[s]["A_avg"] for s in seeds]), ", ".join(map(str, seeds)),
+                           mean_std([per_seed[s]["A_avg"] for s in seeds]),
+                           " / ".join(f"{per_seed[s]['A_last']:.2f}" for s in seeds),
                            times("wall_s"), times("learn_s")])
-    table = "\n".join(markdown_table(["variant", "A_last", "A_avg", "seeds", "wall time per run (s)",
-                                      "of which learning (s)"], table_rows))
+    table = "\n".join(markdown_table(["variant", "A_last", "A_avg", f"A_last per seed ({' / '.join(map(str, seeds))})",
+                                      "wall time per run (s)", "of which learning (s)"], table_rows))
     if weights:
         n = max(len(w) for w in weights) - 1
-        table += "\n\nMean aggregation weight of the slow learner on the test images after each session:\n\n"
+        table += ("\n\nMean aggregation weight of the slow learner on the test images after each session "
+                  "(the run's own aggregate: refreshed statistics, calibrated):\n\n")
         table += "\n".join(markdown_table(["seed", *(f"s{i + 1}" for i in range(n))], weights))
     write_results(out, table, rows, PROG, argv)
     return 0

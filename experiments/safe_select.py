@@ -23,22 +23,22 @@ per process (they share --out and the held-out folder)::
 ``--gamma-sweep NAME:KEY=VALUE[,...]`` trains one full SAFE run that way (evaluated on the
 held-out images) and then recomputes its final aggregate for each ``--gammas`` value from the
 slow and fast logits (gamma only acts at inference, Eq. 8-9), raw and over the bundle's
-temperatures, then a few other per-image
-rules and the oracle, writing OUT/gamma-NAME.md and OUT/gamma-NAME.json. ``--sweep-bundle DIR``
-does the same for a bundle already trained on this held-out protocol (e.g. a candidate's run
-under --out).
+temperatures, then a few other per-image rules and the oracle, writing OUT/gamma-NAME.md and
+OUT/gamma-NAME.json. ``--sweep-bundle DIR`` does the same for a bundle already trained on this
+held-out protocol (e.g. a candidate's run under --out).
 
 ``--aggregation`` chooses SAFE's aggregation form (``safe.refresh_fast`` on / off ×
 ``safe.temperature`` fit / none, the four combinations) on the held-out images, from one SAFE
 run per ``--seeds`` seed with ``safe.keep_stale=true`` (the fast training does not depend on
 either option, so the run's predictors ``aggregate``, ``aggregate_raw``, ``aggregate_stale`` and
-``aggregate_stale_raw`` are the four): the one with the best mean A_last wins; writes
-OUT/aggregation.md and OUT/aggregation.json::
+``aggregate_stale_raw`` are the four): the one with the best mean A_last wins (the first listed,
+the paper's form, on a tie); writes OUT/aggregation.md and OUT/aggregation.json::
 
-    python -m experiments.safe_select --data ../shared/data/tiny-imagenet-100 --out runs/safe-select \
+    python -m experiments.safe_select --data ../shared/data/tiny-imagenet-100 --out runs/safe-aggregation \
         --aggregation --seeds 1993 1996 1997 --set train.threads=1
 
-The outcomes (transfer loss off and lambda_cos 15 in the quick profile, gamma 1 kept) are in
+The outcomes (the transfer loss per-sample L2, summed, 0.001 / 1; lambda_cos 15 in the quick
+profile; the paper's aggregation form; gamma 1 kept) are in
 docs/METHODS.md (SAFE); the aggregation rules and the oracle in docs/BENCHMARKS.md (SAFE).
 """
 

@@ -71,3 +71,23 @@ def test_no_script_edits_sys_path():
     offenders = [str(p.relative_to(REPO)) for package in ("benchmarks", "experiments")
                  for p in (REPO / package).glob("*.py") if "sys.path.insert" in p.read_text()]
     assert offenders == []
+
+
+def test_a_finished_run_is_reused_only_with_its_own_recipe(tmp_path):
+    """run_quick(reuse=True) reads a finished run back when the options its method reads match:
+    another method's section (here SAFE's defaults, changed after a RanPAC run was made) does
+    not count; a RanPAC option does, and stops with a message."""
+    import json
+
+    from benchmarks.common import run_quick
+    from edgecl.config import resolve_config
+
+    out = tmp_path / "ranpac-s1993"
+    out.mkdir()
+    cfg = resolve_config("ranpac", "quick", overrides={"data": {"root": "data"}, "seed": 1993}).to_dict()
+    cfg["safe"]["refresh_fast"] = not cfg["safe"]["refresh_fast"]
+    (out / "manifest.json").write_text(json.dumps({"config": cfg}))
+    (out / "metrics.json").write_text(json.dumps({"A_last": 63.0, "time_s": 9.0}))
+    assert run_quick("ranpac", 1993, "data", out, reuse=True) == {"A_last": 63.0, "time_s": 9.0, "wall_s": 9.0}
+    with pytest.raises(SystemExit, match="another configuration"):
+        run_quick("ranpac", 1993, "data", out, ["ranpac.M=64"], reuse=True)

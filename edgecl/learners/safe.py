@@ -10,11 +10,14 @@ with Pre-Trained Models", NeurIPS 2024).
 - Each learner has its own RanPAC head with its own statistics (G_s, Q_s and G_f, Q_f), updated
   with every session's data through that learner.
 - Inference (Sec. 4.3): entropy-based aggregation (:func:`edgecl.losses.entropy_aggregate`) of
-  each learner's logits divided by its temperature, fitted by NLL on the RanPAC heads' held-out
-  training rows with the heads fitted without them (``safe.temperature: fit``; the authors' code
-  scales the logits by each cosine head's sigma instead, docs/METHODS.md).
+  each learner's logits, raw as in the paper, or divided by its temperature fitted by NLL on the
+  RanPAC heads' held-out training rows with the heads fitted without them (``safe.temperature:
+  fit``; the authors' code scales the logits by each cosine head's sigma instead,
+  docs/METHODS.md).
 - Beyond the paper (``safe.refresh_fast``): after each fast session the old classes' rows of the
   fast head's statistics are corrected for the fast learner's drift (:mod:`edgecl.learners.drift`).
+  Both options are off by default: on held-out training images neither paid
+  (``python -m experiments.safe_select --aggregation``).
 
 The training-time cosine heads: the slow one is trained in session 1; its rows for later
 classes are the slow learner's class-mean features (the slow learner is frozen, so these are
@@ -60,7 +63,8 @@ ALL_FORMS = ["safe.keep_stale=true", "safe.refresh_fast=true", "safe.temperature
 
 class SAFE(Learner):
     name = "safe"
-    # aggregate_raw: the entropy rule on the raw logits (T = 1, SAFE before issue 16)
+    # aggregate_raw: the entropy rule on the raw logits (T = 1: the same as aggregate unless
+    # safe.temperature is fit)
     predictors = ("main", "slow", "fast", "aggregate", "aggregate_raw")
 
     def __init__(self, cfg, backbone, device=None):
