@@ -73,12 +73,13 @@ def test_no_script_edits_sys_path():
     assert offenders == []
 
 
-def test_a_finished_run_is_reused_only_with_its_own_recipe(tmp_path):
+def test_a_finished_run_is_reused_only_with_its_own_recipe(tmp_path, monkeypatch):
     """run_quick(reuse=True) reads a finished run back when the options its method reads match:
     another method's section (here SAFE's defaults, changed after a RanPAC run was made) does
     not count; a RanPAC option does, and stops with a message."""
     import json
 
+    monkeypatch.syspath_prepend(str(REPO))  # the suites run as packages from the repository root
     from benchmarks.common import run_quick
     from edgecl.config import resolve_config
 
