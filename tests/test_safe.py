@@ -151,6 +151,7 @@ def test_refresh_changes_nothing_when_the_fast_learner_has_not_moved():
     assert np.array_equal(out["fast"], out["fast_stale"])
     # the stale head's own temperature fit sees the same rows: the calibrated aggregates agree,
     # and differ from the raw one (the temperature was fitted, not left at 1)
-    assert learner.stale_temperature == learner.temperature["fast"] != 1.0
+    assert learner.temperature["fast_stale"] == learner.temperature["fast"] != 1.0
+    assert set(learner.meta()["temperatures"]) == {"slow", "fast"}  # the diagnostic head's stays out
     assert np.array_equal(out["aggregate"], out["aggregate_stale"])
     assert not np.allclose(out["aggregate"], out["aggregate_raw"])

@@ -81,18 +81,18 @@ class SAFE(Learner):
         # with safe.fast_epochs = 0 it never changes and its features are cached like the slow's
         self.volatile = {"fast"} if cfg.safe.fast_epochs > 0 else set()
         self.history: dict = {}
-        self.temperature = {"slow": 1.0, "fast": 1.0}
-        # (out-of-sample logits, labels) of every session's held-out rows, per head
-        self._heldout = {"slow": [], "fast": [], "fast_stale": []}
+        self.temperature = {"slow": 1.0, "fast": 1.0}  # per head; the bundle keeps slow and fast
         self.gaussians = ClassGaussians(d, cfg.safe.refresh_rank)  # fast-space class Gaussians (drift.py)
         self._before = None  # this session's fast features before the fast training
         # diagnostics (safe.keep_stale): the fast head as it would be without the refresh, with
         # its own temperature (kept out of the bundle): the four aggregations of refresh on / off
         # and temperature fit / none from one run
         self.fast_head_stale = RanPACHead(d, rc.M, cfg.seed + 1, rc.lambdas) if cfg.safe.keep_stale else None
-        self.stale_temperature = 1.0
         if self.fast_head_stale is not None:
+            self.temperature["fast_stale"] = 1.0
             self.predictors = self.predictors + ("fast_stale", "aggregate_stale", "aggregate_stale_raw")
+        # (out-of-sample logits, labels) of every session's held-out rows, per head
+        self._heldout = {name: [] for name in self.temperature}
 
     # ------------------------------------------------------------------ training
     def train_slow(self, train, new_classes) -> None:
@@ -236,11 +236,8 @@ class SAFE(Learner):
         if len(y):
             self._heldout[name].append((z.numpy(), y.numpy()))
         if self._heldout[name]:
-            t = fit_temperature([a for a, _ in self._heldout[name]], [b for _, b in self._heldout[name]])
-            if name == "fast_stale":
-                self.stale_temperature = t
-            else:
-                self.temperature[name] = t
+            self.temperature[name] = fit_temperature([a for a, _ in self._heldout[name]],
+                                                     [b for _, b in self._heldout[name]])
 
     # ------------------------------------------------------------------ inference
     def predict(self, images, rows=None):
@@ -256,7 +253,7 @@ class SAFE(Learner):
             l_stale = self.fast_head_stale.logits(f_fast)
             out["fast_stale"] = l_stale
             out["aggregate_stale"] = entropy_aggregate(l_slow / self.temperature["slow"],
-                                                       l_stale / self.stale_temperature, sc.gamma)[0]
+                                                       l_stale / self.temperature["fast_stale"], sc.gamma)[0]
             out["aggregate_stale_raw"] = entropy_aggregate(l_slow, l_stale, sc.gamma)[0]
         return {k: v.numpy() for k, v in out.items()}
 
@@ -301,7 +298,7 @@ class SAFE(Learner):
                 "ranpac": {name: {"M": h.M, "seed": h.seed, "lambda": h.lam}
                            for name, h in (("slow", self.slow_head), ("fast", self.fast_head))},
                 "gamma": self.cfg.safe.gamma, "inference": self.cfg.safe.inference, "history": self.history,
-                "temperatures": dict(self.temperature)}
+                "temperatures": {name: self.temperature[name] for name in ("slow", "fast")}}
 
     def load_state(self, tensors, meta):
         for name, model, head, cls_attr in (("slow", self.slow, self.slow_head, "slow_cls"),
