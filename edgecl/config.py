@@ -128,8 +128,9 @@ class SAFEConfig:
     gamma: float = 1.0  # aggregation sharpness: weights = softmax(-gamma [H_slow, H_fast])
     # each learner's logits divided by a temperature before the entropy (and the mix): "fit" = by
     # NLL on the RanPAC heads' held-out training rows, out of sample (issue 16); "none" = T = 1
-    # (the paper; chosen on held-out training images: python -m experiments.safe_select --aggregation)
-    temperature: str = field(default="none", metadata=_choices("fit", "none"))
+    # (the paper); "sigma" = 1 / the learner's cosine-head scale (the authors' code multiplies its
+    # RanPAC logits by sigma); chosen on held-out training images: python -m experiments.safe_select --aggregation
+    temperature: str = field(default="none", metadata=_choices("fit", "none", "sigma"))
     # after every fast session, correct the old classes' rows of G_f, Q_f for the fast learner's
     # drift, from per-class Gaussians of fast features (edgecl.learners.drift); off: it lost on
     # the held-out training images (python -m experiments.safe_select --aggregation)

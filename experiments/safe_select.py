@@ -28,10 +28,10 @@ OUT/gamma-NAME.json. ``--sweep-bundle DIR`` does the same for a bundle already t
 held-out protocol (e.g. a candidate's run under --out).
 
 ``--aggregation`` chooses SAFE's aggregation form (``safe.refresh_fast`` on / off ×
-``safe.temperature`` fit / none, the four combinations) on the held-out images, from one SAFE
-run per ``--seeds`` seed with ``safe.keep_stale=true`` (the fast training does not depend on
-either option, so the run's predictors ``aggregate``, ``aggregate_raw``, ``aggregate_stale`` and
-``aggregate_stale_raw`` are the four): the one with the best mean A_last wins (the first listed,
+``safe.temperature`` none / fit / sigma, the six combinations) on the held-out images, from one
+SAFE run per ``--seeds`` seed with ``safe.keep_stale=true`` (the fast training does not depend on
+either option, so the run's predictors ``aggregate``, ``aggregate_raw``, ``aggregate_sigma`` and
+their ``_stale`` twins are the six): the one with the best mean A_last wins (the first listed,
 the paper's form, on a tie); writes OUT/aggregation.md and OUT/aggregation.json::
 
     python -m experiments.safe_select --data ../shared/data/tiny-imagenet-100 --out runs/safe-aggregation \
@@ -207,7 +207,7 @@ def gamma_sweep(bundle: Path, heldout: Path, gammas) -> list:
 
 
 def select_aggregation(train_dir: Path, heldout: Path, out: Path, seeds, sets) -> dict:
-    """The four aggregation forms (``edgecl.learners.safe.AGGREGATION_FORMS``) on the held-out
+    """The six aggregation forms (``edgecl.learners.safe.AGGREGATION_FORMS``) on the held-out
     images, one SAFE run per seed (refresh and temperatures on, the stale head kept); the best
     mean A_last wins."""
     from benchmarks.common import mean_std
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
                     help="run only these default candidates (0-based; several processes can share --out)")
     ap.add_argument("--reference", action="store_true", help="also run the no-transfer-loss reference")
     ap.add_argument("--aggregation", action="store_true",
-                    help="choose the aggregation form (refresh on/off x temperature fit/none) over --seeds")
+                    help="choose the aggregation form (refresh on/off x temperature none/fit/sigma) over --seeds")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1993, 1996, 1997], help="for --aggregation")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="added to every candidate (e.g. train.threads=1; not part of the recipe)")

@@ -155,3 +155,22 @@ def test_refresh_changes_nothing_when_the_fast_learner_has_not_moved():
     assert set(learner.meta()["temperatures"]) == {"slow", "fast"}  # the diagnostic head's stays out
     assert np.array_equal(out["aggregate"], out["aggregate_stale"])
     assert not np.allclose(out["aggregate"], out["aggregate_raw"])
+
+
+def test_sigma_temperature_is_the_cosine_heads_scale():
+    """safe.temperature: sigma multiplies each learner's RanPAC logits by its cosine head's sigma
+    (the authors' code): T = 1 / sigma, the fast head's sigma trained on in later sessions, the
+    slow one's fixed; the keep_stale diagnostic of that form equals the shipped aggregate."""
+    learner = _learner(temperature="sigma", keep_stale=True)
+    for t, classes in enumerate(([0, 1], [2, 3])):
+        learner.learn(t, _images(classes, seed=20 + t), classes)
+        learner.num_seen = classes[-1] + 1
+    s_slow, s_fast = float(learner.slow_cls.sigma), float(learner.fast_cls.sigma)
+    assert s_slow != s_fast  # the fast learner's head went on training
+    assert learner.temperature["slow"] == pytest.approx(1 / s_slow)
+    assert learner.temperature["fast"] == learner.temperature["fast_stale"] == pytest.approx(1 / s_fast)
+    assert learner.meta()["temperatures"] == {"slow": pytest.approx(1 / s_slow), "fast": pytest.approx(1 / s_fast)}
+    out = learner.predict(_images([0, 1, 2, 3], n=2, seed=3))
+    assert np.allclose(out["aggregate"], out["aggregate_sigma"])
+    assert np.allclose(out["aggregate"], out["aggregate_stale_sigma"])  # no refresh: the same fast head
+    assert not np.allclose(out["aggregate"], out["aggregate_raw"])

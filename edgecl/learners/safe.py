@@ -12,8 +12,8 @@ with Pre-Trained Models", NeurIPS 2024).
 - Inference (Sec. 4.3): entropy-based aggregation (:func:`edgecl.losses.entropy_aggregate`) of
   each learner's logits, raw as in the paper, or divided by its temperature fitted by NLL on the
   RanPAC heads' held-out training rows with the heads fitted without them (``safe.temperature:
-  fit``; the authors' code scales the logits by each cosine head's sigma instead,
-  docs/METHODS.md).
+  fit``), or multiplied by its cosine head's sigma as in the authors' code (``safe.temperature:
+  sigma``; docs/METHODS.md).
 - Beyond the paper (``safe.refresh_fast``): after each fast session the old classes' rows of the
   fast head's statistics are corrected for the fast learner's drift (:mod:`edgecl.learners.drift`).
   Both options are off by default: on held-out training images neither paid
@@ -51,12 +51,15 @@ def _append_rows(head: CosineHead, rows: torch.Tensor, trainable: bool) -> None:
 
 
 # With safe.keep_stale (and refresh and temperatures on), one run predicts SAFE's aggregate in
-# the four forms of refresh_fast on / off x temperature fit / none: predictor -> (name, options)
+# the six forms of refresh_fast on / off x temperature none / fit / sigma: predictor -> (name, options)
 AGGREGATION_FORMS = {
     "aggregate_stale_raw": ("statistics as accumulated, raw logits", {"refresh_fast": False, "temperature": "none"}),
     "aggregate_stale": ("statistics as accumulated, calibrated", {"refresh_fast": False, "temperature": "fit"}),
+    "aggregate_stale_sigma": ("statistics as accumulated, sigma-scaled",
+                              {"refresh_fast": False, "temperature": "sigma"}),
     "aggregate_raw": ("refreshed statistics, raw logits", {"refresh_fast": True, "temperature": "none"}),
     "aggregate": ("refreshed statistics, calibrated", {"refresh_fast": True, "temperature": "fit"}),
+    "aggregate_sigma": ("refreshed statistics, sigma-scaled", {"refresh_fast": True, "temperature": "sigma"}),
 }
 ALL_FORMS = ["safe.keep_stale=true", "safe.refresh_fast=true", "safe.temperature=fit"]  # the --set that gives them
 
@@ -90,7 +93,8 @@ class SAFE(Learner):
         self.fast_head_stale = RanPACHead(d, rc.M, cfg.seed + 1, rc.lambdas) if cfg.safe.keep_stale else None
         if self.fast_head_stale is not None:
             self.temperature["fast_stale"] = 1.0
-            self.predictors = self.predictors + ("fast_stale", "aggregate_stale", "aggregate_stale_raw")
+            self.predictors = self.predictors + ("fast_stale", "aggregate_stale", "aggregate_stale_raw",
+                                                 "aggregate_sigma", "aggregate_stale_sigma")
         # (out-of-sample logits, labels) of every session's held-out rows, per head
         self._heldout = {name: [] for name in self.temperature}
 
@@ -200,6 +204,9 @@ class SAFE(Learner):
             head.solve(dist=self.dist)
         for tag, name, head in heads:
             self.fit_temperature(name, head, feats[tag][hold], labels[hold])
+        if self.cfg.safe.temperature == "sigma":
+            sigma = self.sigma_temperatures()
+            self.temperature.update({name: sigma[tag] for tag, name, _head in heads})
 
     def _gather(self, *tensors) -> list:
         """The tensors over every rank's part, in row order (one process: as they are)."""
@@ -239,6 +246,12 @@ class SAFE(Learner):
             self.temperature[name] = fit_temperature([a for a, _ in self._heldout[name]],
                                                      [b for _, b in self._heldout[name]])
 
+    def sigma_temperatures(self) -> dict:
+        """``safe.temperature: sigma``: T = 1 / sigma of each learner's cosine head, i.e. its RanPAC
+        logits multiplied by sigma as in the authors' code (``inc_net.py``: ``out = self.sigma *
+        out``; the slow head's sigma fixed after session 1, the fast head's trained on)."""
+        return {"slow": 1.0 / self.slow_cls.sigma.item(), "fast": 1.0 / self.fast_cls.sigma.item()}
+
     # ------------------------------------------------------------------ inference
     def predict(self, images, rows=None):
         sc = self.cfg.safe
@@ -255,6 +268,9 @@ class SAFE(Learner):
             out["aggregate_stale"] = entropy_aggregate(l_slow / self.temperature["slow"],
                                                        l_stale / self.temperature["fast_stale"], sc.gamma)[0]
             out["aggregate_stale_raw"] = entropy_aggregate(l_slow, l_stale, sc.gamma)[0]
+            sigma = self.sigma_temperatures()
+            for key, l_f in (("aggregate_sigma", l_fast), ("aggregate_stale_sigma", l_stale)):
+                out[key] = entropy_aggregate(l_slow / sigma["slow"], l_f / sigma["fast"], sc.gamma)[0]
         return {k: v.numpy() for k, v in out.items()}
 
     def aggregate(self, l_slow: torch.Tensor, l_fast: torch.Tensor) -> tuple:
