@@ -165,7 +165,7 @@ def test_sigma_temperature_is_the_cosine_heads_scale():
     for t, classes in enumerate(([0, 1], [2, 3])):
         learner.learn(t, _images(classes, seed=20 + t), classes)
         learner.num_seen = classes[-1] + 1
-    s_slow, s_fast = float(learner.slow_cls.sigma), float(learner.fast_cls.sigma)
+    s_slow, s_fast = learner.slow_cls.sigma.item(), learner.fast_cls.sigma.item()
     assert s_slow != s_fast  # the fast learner's head went on training
     assert learner.temperature["slow"] == pytest.approx(1 / s_slow)
     assert learner.temperature["fast"] == learner.temperature["fast_stale"] == pytest.approx(1 / s_fast)

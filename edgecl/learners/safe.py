@@ -287,13 +287,16 @@ class SAFE(Learner):
     def session_facts(self, logits: dict, labels: np.ndarray, session_of_label: np.ndarray) -> dict:
         """Per session (metrics.json): the mean aggregation weight of each learner on the test
         images, the slow learner's mean weight on the images of each class range (the session
-        that brought the classes; the paper's Fig. 5), and the temperatures."""
+        that brought the classes; the paper's Fig. 5), the temperatures and the cosine heads'
+        sigmas (what ``safe.temperature: sigma`` scales by)."""
         w = self.aggregation_weights(logits)
         sessions = session_of_label[labels]
         by_range = [round(float(w[sessions == j, 0].mean()), 4) for j in range(int(sessions.max()) + 1)]
+        sigma = self.sigma_temperatures()
         return {"w_slow": round(float(w[:, 0].mean()), 4), "w_fast": round(float(w[:, 1].mean()), 4),
                 "w_slow_by_range": by_range,
-                "T_slow": round(self.temperature["slow"], 5), "T_fast": round(self.temperature["fast"], 5)}
+                "T_slow": round(self.temperature["slow"], 5), "T_fast": round(self.temperature["fast"], 5),
+                "sigma_slow": round(1 / sigma["slow"], 4), "sigma_fast": round(1 / sigma["fast"], 4)}
 
     def feature_models(self):
         return {"slow": self.slow, "fast": self.fast}
