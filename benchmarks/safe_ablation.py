@@ -7,11 +7,12 @@ Rows (each A_last / A_avg, mean ± std over the seeds):
   RanPAC                                  edgecl train --method ranpac --profile quick
   + slow learner (transfer loss)          SAFE's slow learner alone: RanPAC's first-session PET
                                           trained with the transfer loss and its own RanPAC head
-  + fast learner: four forms              the entropy aggregate of slow and fast (Eq. 8-9) with the
+  + fast learner: six forms               the entropy aggregate of slow and fast (Eq. 8-9) with the
                                           fast head's statistics as accumulated (the paper) or
                                           corrected for the fast learner's drift after every
-                                          session (safe.refresh_fast), on raw logits (the paper)
-                                          or each over its fitted temperature (safe.temperature);
+                                          session (safe.refresh_fast), on raw logits (the paper),
+                                          each over its fitted temperature or scaled by its cosine
+                                          head's sigma (the authors' code; safe.temperature);
                                           the form configs/safe.yaml ships is marked "= SAFE"
                                           (chosen on held-out training images:
                                           python -m experiments.safe_select --aggregation)
@@ -69,6 +70,8 @@ def main(argv=None) -> int:
         m = run_quick("safe", seed, args.data, out / f"safe-s{seed}", [*ALL_FORMS, *sets], reuse=True)
         add("+ slow learner (transfer loss), slow alone", seed, m["slow"] | {"wall_s": None})
         for key, (name, options) in AGGREGATION_FORMS.items():  # the run's times on the shipped form's row
+            if key not in m:  # a run reused from before the form existed
+                continue
             label = f"+ fast learner: {name}" + (" (= SAFE)" if options == shipped else "")
             add(label, seed, m[key] | ({"wall_s": m["wall_s"], "learn_s": m["learn_s"]} if options == shipped else
                                       {"wall_s": None}))
