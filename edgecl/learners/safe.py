@@ -246,11 +246,16 @@ class SAFE(Learner):
             self.temperature[name] = fit_temperature([a for a, _ in self._heldout[name]],
                                                      [b for _, b in self._heldout[name]])
 
+    def sigmas(self) -> dict:
+        """Each learner's cosine-head scale sigma (the slow head's fixed after session 1, the fast
+        head's trained on)."""
+        return {"slow": self.slow_cls.sigma.item(), "fast": self.fast_cls.sigma.item()}
+
     def sigma_temperatures(self) -> dict:
         """``safe.temperature: sigma``: T = 1 / sigma of each learner's cosine head, i.e. its RanPAC
         logits multiplied by sigma as in the authors' code (``inc_net.py``: ``out = self.sigma *
-        out``; the slow head's sigma fixed after session 1, the fast head's trained on)."""
-        return {"slow": 1.0 / self.slow_cls.sigma.item(), "fast": 1.0 / self.fast_cls.sigma.item()}
+        out``)."""
+        return {name: 1.0 / s for name, s in self.sigmas().items()}
 
     # ------------------------------------------------------------------ inference
     def predict(self, images, rows=None):
@@ -292,11 +297,11 @@ class SAFE(Learner):
         w = self.aggregation_weights(logits)
         sessions = session_of_label[labels]
         by_range = [round(float(w[sessions == j, 0].mean()), 4) for j in range(int(sessions.max()) + 1)]
-        sigma = self.sigma_temperatures()
+        sigma = self.sigmas()
         return {"w_slow": round(float(w[:, 0].mean()), 4), "w_fast": round(float(w[:, 1].mean()), 4),
                 "w_slow_by_range": by_range,
                 "T_slow": round(self.temperature["slow"], 5), "T_fast": round(self.temperature["fast"], 5),
-                "sigma_slow": round(1 / sigma["slow"], 4), "sigma_fast": round(1 / sigma["fast"], 4)}
+                "sigma_slow": round(sigma["slow"], 4), "sigma_fast": round(sigma["fast"], 4)}
 
     def feature_models(self):
         return {"slow": self.slow, "fast": self.fast}
