@@ -87,6 +87,15 @@ def run_quick(method: str, seed: int, data: str, out: Path, sets=(), reuse: bool
     return m
 
 
+def predictor_metrics(m: dict, key: str, out) -> dict:
+    """``m[key]``, one predictor's metrics of the finished run in ``out``; one clear line when the
+    run was made before that predictor existed (``run_quick`` cannot tell older code's runs)."""
+    if key not in m:
+        raise SystemExit(f"{out}: its metrics.json has no {key!r} (a run made by older code); "
+                         "delete it or choose another --out")
+    return m[key]
+
+
 def read_manifest(folder) -> dict:
     """The ``manifest.json`` of a run bundle or an engine directory, as the JSON it is on disk
     (the artifact format, docs/DESIGN.md "Artifact formats"), whatever Python type edgecl's

@@ -33,7 +33,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from benchmarks.common import markdown_table, mean_std, parser, run_quick, write_json, write_results
+from benchmarks.common import markdown_table, mean_std, parser, predictor_metrics, run_quick, write_json, write_results
 
 PROG = "python -m benchmarks safe_ablation"
 
@@ -67,14 +67,13 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         m = run_quick("ranpac", seed, args.data, out / f"ranpac-s{seed}", sets, reuse=True)
         add("RanPAC", seed, m)
-        m = run_quick("safe", seed, args.data, out / f"safe-s{seed}", [*ALL_FORMS, *sets], reuse=True)
+        run = out / f"safe-s{seed}"
+        m = run_quick("safe", seed, args.data, run, [*ALL_FORMS, *sets], reuse=True)
         add("+ slow learner (transfer loss), slow alone", seed, m["slow"] | {"wall_s": None})
         for key, (name, options) in AGGREGATION_FORMS.items():  # the run's times on the shipped form's row
-            if key not in m:  # a run reused from before the form existed
-                continue
             label = f"+ fast learner: {name}" + (" (= SAFE)" if options == shipped else "")
-            add(label, seed, m[key] | ({"wall_s": m["wall_s"], "learn_s": m["learn_s"]} if options == shipped else
-                                      {"wall_s": None}))
+            times = {"wall_s": m["wall_s"], "learn_s": m["learn_s"]} if options == shipped else {"wall_s": None}
+            add(label, seed, predictor_metrics(m, key, run) | times)
         add("SAFE: fast alone, refreshed statistics", seed, m["fast"] | {"wall_s": None})
         add("SAFE: fast alone, statistics as accumulated", seed, m["fast_stale"] | {"wall_s": None})
         weights.append([seed] + [f"{r['w_slow']:.3f}" for r in m.get("per_session", [])])

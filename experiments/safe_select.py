@@ -48,7 +48,7 @@ import os
 import sys
 from pathlib import Path
 
-from benchmarks.common import markdown_table, parser, read_manifest, run_quick, write_results
+from benchmarks.common import markdown_table, parser, predictor_metrics, read_manifest, run_quick, write_results
 
 PROG = "python -m experiments.safe_select"
 
@@ -217,9 +217,10 @@ def select_aggregation(train_dir: Path, heldout: Path, out: Path, seeds, sets) -
 
     per_seed = {}
     for seed in seeds:
-        m = run_quick("safe", seed, str(train_dir), out / f"aggregation-s{seed}",
-                      [*ALL_FORMS, *sets, f"data.val_root={heldout}"], reuse=True)
-        per_seed[seed] = {name: {k: m[key][k] for k in ("A_last", "A_avg")} for name, _o, key in forms}
+        run = out / f"aggregation-s{seed}"
+        m = run_quick("safe", seed, str(train_dir), run, [*ALL_FORMS, *sets, f"data.val_root={heldout}"], reuse=True)
+        per_seed[seed] = {name: {k: predictor_metrics(m, key, run)[k] for k in ("A_last", "A_avg")}
+                          for name, _o, key in forms}
         per_seed[seed] |= {f"{k} alone": {x: m[k][x] for x in ("A_last", "A_avg")}
                            for k in ("slow", "fast", "fast_stale")}
         print(f"seed {seed}: " + ", ".join(f"{n} {v['A_last']:.2f}" for n, v in per_seed[seed].items()),

@@ -92,3 +92,15 @@ def test_a_finished_run_is_reused_only_with_its_own_recipe(tmp_path, monkeypatch
     assert run_quick("ranpac", 1993, "data", out, reuse=True) == {"A_last": 63.0, "time_s": 9.0, "wall_s": 9.0}
     with pytest.raises(SystemExit, match="another configuration"):
         run_quick("ranpac", 1993, "data", out, ["ranpac.M=64"], reuse=True)
+
+
+def test_a_reused_run_without_a_predictor_stops_in_one_line(tmp_path, monkeypatch):
+    """A finished run made before a predictor existed (e.g. SAFE's sigma-scaled aggregates) is
+    named with the fix, not a KeyError; a run that has it gives its metrics."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.common import predictor_metrics
+
+    m = {"aggregate": {"A_last": 64.0}}
+    assert predictor_metrics(m, "aggregate", tmp_path) == {"A_last": 64.0}
+    with pytest.raises(SystemExit, match=r"no 'aggregate_sigma' \(a run made by older code\); delete it"):
+        predictor_metrics(m, "aggregate_sigma", tmp_path)
